@@ -1,0 +1,49 @@
+"""What the engine needs from a model family. One adapter per family implements it.
+
+An adapter owns a loaded transformers model and answers four questions:
+  * frames -> embeddings:   encode_frames(uint8 [T,H,W,3]) -> [T, k, D]  (k = tokens per frame)
+  * token ids -> embeddings: embed(ids [1,L]) -> [1, L, D]
+  * one LM step:            forward(inputs_embeds, cache, position_ids) -> logits [1, L, V]
+  * chat text pieces:        ChatFormat (system / user turn / end of turn / frame marker)
+Everything is tensors in, tensors out; the engine owns the cache, positions and policy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """Text pieces the engine concatenates; `{}` is filled with the system prompt / question."""
+
+    system: str  # e.g. "{} " or "<|im_start|>system\n{}<|im_end|>\n"
+    user: str  # the question plus the assistant's generation prompt, e.g. "USER: {} ASSISTANT:"
+    end_of_turn: str  # appended after an answer, e.g. "</s>" or "<|im_end|>\n"
+    frame_prefix: str = "{:.1f}s:"  # timestamp marker before each frame's tokens
+    frame_suffix: str = "\n"
+
+
+class Adapter:
+    """Base class; subclasses set the attributes below in __init__."""
+
+    model: torch.nn.Module  # the full transformers model
+    tokenizer: object  # a transformers tokenizer
+    chat: ChatFormat
+    device: torch.device
+    dtype: torch.dtype
+    tokens_per_frame: int  # rows per frame that encode_frames returns
+    eos_token_ids: tuple[int, ...]
+    max_position_embeddings: int
+
+    @torch.inference_mode()
+    def encode_frames(self, frames) -> torch.Tensor:  # uint8 [T,H,W,3] -> [T, k, D]
+        raise NotImplementedError
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, L, D]
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    def forward(self, inputs_embeds, cache, position_ids) -> torch.Tensor:
+        """One language-model step over new embeddings, appending to `cache`; returns logits."""
+        raise NotImplementedError
