@@ -41,6 +41,17 @@ class Adapter:
     def encode_frames(self, frames) -> torch.Tensor:  # uint8 [T,H,W,3] -> [T, k, D]
         raise NotImplementedError
 
+    rope_dims: int = 1  # 3 for M-RoPE (Qwen2.5-VL): position_ids are then [3, B, L]
+
+    def encode_frames_positioned(self, frames) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embeddings plus each token's position offset from its frame's start position.
+
+        Returns ([T, k, D], None) for plain 1-D RoPE (offsets 0..k-1), or ([T, k, D],
+        [T, rope_dims, k]) where a model needs its own layout (Qwen's (t, h, w) ids).
+        A frame then spans max(offset) + 1 positions.
+        """
+        return self.encode_frames(frames), None
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, L, D]
         return self.model.get_input_embeddings()(ids.to(self.device))
 
