@@ -1,0 +1,224 @@
+"""Sessions as the transports see them: one engine, many clients, many sessions.
+
+Both transports (websocket, MQTT) hand validated messages to a `Service`; it owns the map
+session id -> `Entry` (engine session, its server-side source task, its running asks, its
+frame rate bucket, who is attached) and turns asks into ordered `token`/`done` messages
+through a `send(op, **fields)` callback the transport supplies. Nothing here knows about
+sockets or topics.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from streamvz import protocol
+from streamvz.errors import StreamError
+from streamvz.protocol import Limits
+from streamvz.transports.security import SourcePolicy, TokenBucket
+
+log = logging.getLogger("streamvz.serve")
+Send = Callable[..., Awaitable[None]]  # send(op, **fields)
+
+
+class PeerGone(Exception):
+    """Raised by a transport's send when the client is gone; the answer just stops."""
+
+
+@dataclass
+class Entry:
+    id: str
+    session: object  # streamvz.session.Session from the engine
+    client: str  # who opened it (remote address or token), for the per-client cap
+    bucket: TokenBucket
+    send: Send | None = None  # None while detached (client gone, grace period running)
+    source_task: asyncio.Task | None = None
+    asks: dict[str, asyncio.Task] = field(default_factory=dict)
+    cancelled: set[str] = field(default_factory=set)
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock)  # answers are turns: one at a time
+    expiry: asyncio.TimerHandle | None = None
+    t0: float = field(default_factory=time.monotonic)  # stamps frames that come without `t`
+
+    def emit(self, op: str, **fields) -> Awaitable[None] | None:
+        return self.send(op, **fields) if self.send is not None else None
+
+
+class Service:
+    def __init__(self, engine, limits: Limits = Limits(), sources: SourcePolicy | None = None,
+                 grace_s: float = 30.0):
+        self.engine = engine
+        self.limits = limits
+        self.sources = sources or SourcePolicy()
+        self.grace_s = grace_s
+        self.entries: dict[str, Entry] = {}
+
+    # --- sessions ---------------------------------------------------------------------
+    async def open(self, msg: dict, client: str, send: Send, session_id: str | None = None) -> Entry:
+        """`open`: resume msg["session"] if given, else create (with `session_id` if the transport names it)."""
+        if "session" in msg and session_id is None:
+            entry = self.entries.get(msg["session"])
+            if entry is None:
+                raise StreamError("unknown_session", f"no session {msg['session']!r} (closed or expired)")
+            if entry.send is not None:
+                raise StreamError("session_in_use", "the session is attached to another connection")
+            if entry.expiry is not None:
+                entry.expiry.cancel()
+                entry.expiry = None
+            entry.send = send
+            return entry
+        if len(self.entries) >= self.limits.max_sessions:
+            raise StreamError("too_many_sessions", f"the server holds {self.limits.max_sessions} sessions")
+        if sum(e.client == client for e in self.entries.values()) >= self.limits.max_sessions_per_client:
+            raise StreamError("too_many_sessions", f"at most {self.limits.max_sessions_per_client} sessions per client")
+        source = self.sources.check(msg["source"]) if "source" in msg else None
+        sid = session_id or secrets.token_urlsafe(12)
+        kwargs = {"session_id": sid}
+        if "system_prompt" in msg:
+            kwargs["system_prompt"] = msg["system_prompt"]
+        session = self.engine.session(**kwargs)
+        entry = Entry(sid, session, client, TokenBucket(self.limits.max_push_fps), send)
+        self.entries[sid] = entry
+        if source is not None:
+            entry.source_task = asyncio.create_task(self._pump(entry, source, msg.get("fps", 1.0)))
+        return entry
+
+    def get(self, sid: str) -> Entry:
+        entry = self.entries.get(sid)
+        if entry is None:
+            raise StreamError("unknown_session", f"no session {sid!r}")
+        return entry
+
+    def detach(self, entry: Entry) -> None:
+        """The client went away: stop its answers, keep the session for `grace_s` to resume."""
+        entry.send = None
+        for rid, task in list(entry.asks.items()):
+            entry.cancelled.add(rid)
+            task.cancel()
+        if entry.id in self.entries and entry.expiry is None:
+            loop = asyncio.get_running_loop()
+            entry.expiry = loop.call_later(self.grace_s, lambda: asyncio.ensure_future(self._expire(entry)))
+
+    async def _expire(self, entry: Entry) -> None:
+        if entry.send is None and self.entries.get(entry.id) is entry:
+            log.info("session %s expired after %.0fs detached", entry.id, self.grace_s)
+            await self.close(entry)
+
+    async def close(self, entry: Entry) -> None:
+        if self.entries.pop(entry.id, None) is None:
+            return
+        if entry.expiry is not None:
+            entry.expiry.cancel()
+        tasks = list(entry.asks.values()) + ([entry.source_task] if entry.source_task else [])
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await entry.session.close()
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(self.close(e) for e in list(self.entries.values())), return_exceptions=True)
+
+    def status(self, entry: Entry) -> dict:
+        stats = dict(entry.session.stats())
+        stats["source"] = None if entry.source_task is None else ("ended" if entry.source_task.done() else "running")
+        return stats
+
+    # --- frames -------------------------------------------------------------------------
+    async def frame(self, entry: Entry, data: bytes, t: float | None = None) -> bool:
+        """A pushed binary frame. Returns False if dropped by the rate cap (caller may warn)."""
+        if entry.source_task is not None:
+            raise StreamError("source_busy", "this session reads a server-side source; it takes no pushed frames")
+        if not entry.bucket.take():
+            if entry.bucket.should_warn():
+                raise StreamError("rate_limited", f"more than {self.limits.max_push_fps:g} frames/s; extra frames dropped")
+            return False
+        # JPEG decoding off the event loop: other sessions keep streaming meanwhile.
+        frame = await asyncio.to_thread(protocol.parse_frame, data, self.limits, t)
+        stamp = frame.t if frame.t is not None else time.monotonic() - entry.t0
+        entry.session.submit_frame(frame.image, stamp)
+        return True
+
+    async def _pump(self, entry: Entry, source: str, fps: float) -> None:
+        from streamvz.sources import open_source
+
+        try:
+            async with open_source(source, fps=fps) as src:
+                async for frame in src:
+                    await entry.session.add_frame(frame.image, t=frame.t)
+            await _maybe(entry.emit("status", session=entry.id, event="source_ended", **self.status(entry)))
+        except asyncio.CancelledError:
+            raise
+        except StreamError as e:
+            await _maybe(entry.emit("error", code=e.code, message=e.message))
+        except Exception as e:  # a broken source must not take the server down
+            log.exception("source %s failed", source)
+            await _maybe(entry.emit("error", code="internal_error", message=f"source failed: {type(e).__name__}"))
+
+    # --- asks ---------------------------------------------------------------------------
+    def ask(self, entry: Entry, msg: dict) -> None:
+        rid = msg["id"]
+        if rid in entry.asks:
+            raise StreamError("request_in_use", f"ask {rid!r} is still running", id=rid)
+        if len(entry.asks) >= self.limits.max_queued_asks:
+            raise StreamError("too_many_requests", f"at most {self.limits.max_queued_asks} asks per session at once", id=rid)
+        send = entry.send
+        task = asyncio.create_task(self._answer(entry, msg, send))
+        entry.asks[rid] = task
+        task.add_done_callback(lambda _t: (entry.asks.pop(rid, None), entry.cancelled.discard(rid)))
+
+    def cancel(self, entry: Entry, rid: str) -> None:
+        task = entry.asks.get(rid)
+        if task is None:
+            raise StreamError("unknown_request", f"no running ask {rid!r}", id=rid)
+        entry.cancelled.add(rid)
+        task.cancel()
+
+    async def _answer(self, entry: Entry, msg: dict, send: Send) -> None:
+        rid = msg["id"]
+        t_start = time.monotonic()
+        answer, seq, ttft = None, 0, None
+        try:
+            async with entry.turn:
+                answer = entry.session.ask(msg["text"], max_new_tokens=msg.get("max_tokens", 128),
+                                           temperature=msg.get("temperature", 0.0), top_p=msg.get("top_p", 1.0))
+                async for delta in answer:
+                    if not delta:
+                        continue
+                    if ttft is None:
+                        ttft = time.monotonic() - t_start
+                    await send("token", id=rid, seq=seq, text=delta)
+                    seq += 1
+            usage = dict(answer.usage or {})
+            usage.update(queued_ttft_s=ttft, wall_s=time.monotonic() - t_start, deltas=seq)
+            await send("done", id=rid, usage=usage)
+        except asyncio.CancelledError:
+            if answer is not None:
+                answer.cancel()
+            if rid not in entry.cancelled:
+                raise  # shutdown, not a client's cancel
+            usage = dict(getattr(answer, "usage", None) or {}) if answer is not None else {}
+            usage.update(finish_reason="cancelled", deltas=seq, wall_s=time.monotonic() - t_start)
+            if entry.send is not None:  # a client's cancel; a disconnected client gets nothing
+                await _maybe(send("done", id=rid, usage=usage))
+        except PeerGone:
+            if answer is not None:
+                answer.cancel()
+        except StreamError as e:
+            await _maybe(send("error", code=e.code, message=e.message, id=rid))
+        except Exception as e:
+            if answer is not None:
+                answer.cancel()
+            log.exception("ask %s failed", rid)
+            await _maybe(send("error", code="internal_error", message=f"answer failed: {type(e).__name__}: {e}"[:300], id=rid))
+
+
+async def _maybe(aw) -> None:
+    """Await a send that may fail because the peer is gone; a gone peer is not an error here."""
+    if aw is None:
+        return
+    try:
+        await aw
+    except Exception as e:
+        log.debug("send failed: %s", e)
