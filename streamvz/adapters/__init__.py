@@ -1,0 +1,51 @@
+"""Model families. `load_adapter` picks the adapter from the checkpoint's config."""
+from __future__ import annotations
+
+import json
+import os
+
+from ..errors import StreamError
+from .base import Adapter, ChatFormat
+
+# config.model_type -> "module:Class" (imported lazily so one family's imports never slow another)
+FAMILIES = {
+    "llava": "streamvz.adapters.llava:LlavaAdapter",
+}
+EMBEDDED = {"streamvz-tiny": "streamvz.tiny:load_tiny"}
+
+
+def _model_type(model: str) -> str:
+    cfg = os.path.join(model, "config.json")
+    if os.path.isdir(model):
+        if not os.path.exists(cfg):
+            raise StreamError("model_not_found", f"{model} has no config.json")
+        with open(cfg) as f:
+            return json.load(f).get("model_type", "")
+    from transformers import AutoConfig  # a hub id: works only where a hub or its cache is reachable
+
+    try:
+        return AutoConfig.from_pretrained(model).model_type
+    except Exception as e:  # noqa: BLE001 - any failure to resolve means the same thing to the caller
+        raise StreamError("model_not_found", f"cannot load model {model!r}: {e}") from None
+
+
+def _resolve(spec: str):
+    import importlib
+
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_adapter(model: str, tokens_per_frame: int | None = 64, device=None, dtype=None, **kw) -> Adapter:
+    """Load a model by local path, hub id or embedded name, wrapped in its family's adapter."""
+    if model in EMBEDDED:
+        return _resolve(EMBEDDED[model])(tokens_per_frame=tokens_per_frame, device=device, dtype=dtype, **kw)
+    model_type = _model_type(model)
+    if model_type not in FAMILIES:
+        raise StreamError(
+            "unsupported_model", f"model type {model_type!r} is not supported; supported: {', '.join(FAMILIES)}"
+        )
+    return _resolve(FAMILIES[model_type])(model, tokens_per_frame=tokens_per_frame, device=device, dtype=dtype, **kw)
+
+
+__all__ = ["Adapter", "ChatFormat", "load_adapter", "FAMILIES"]
