@@ -172,10 +172,15 @@ class Session:
             self.frames_dropped += 1
         self._engine._wake_up()
 
-    def ask(self, question: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+    def ask(self, question: str, max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
             seed: int | None = None) -> Answer:
-        """Queue a question; it sees every frame added or submitted before it."""
+        """Queue a question; it sees every frame added or submitted before it.
+
+        max_new_tokens defaults to 128 (or the engine's limit if lower); seed fixes sampling.
+        """
         self._check_open()
+        if max_new_tokens is None:
+            max_new_tokens = min(128, self._engine.max_new_tokens_limit)
         self._engine._check_question(self, question, max_new_tokens, temperature, top_p)
         answer = Answer(self, question, max_new_tokens, float(temperature), float(top_p), seed, self._next_seq())
         self._state.answers.append(answer)

@@ -109,3 +109,152 @@ async def test_visionzip_equals_oneshot_forward(tiny_llava):
         ref = greedy_oneshot(ad, torch.cat(embeds), got.max_new_tokens)
         assert got.token_ids == ref
     await engine.aclose()
+
+
+async def test_memory_flat_after_window_fills(tiny_llava):
+    engine = Engine(tiny_llava, tokens_per_frame=16, window_frames=3, cache_budget_tokens=512)
+    s = engine.session(system_prompt=SYSTEM)
+    for f in frames(3, seed=2):
+        await s.add_frame(f, t=5.0)  # one timestamp: every frame block has the same length
+    full = s.stats()
+    assert full["frames_in_window"] == 3
+    for f in frames(30, seed=3):
+        await s.add_frame(f, t=5.0)
+        st = s.stats()
+        assert (st["cache_tokens"], st["cache_bytes"]) == (full["cache_tokens"], full["cache_bytes"])
+        assert st["cache_positions"] <= st["cache_tokens"] <= 512
+    assert st["frames_seen"] == 33 and st["frames_evicted"] == 30 and st["frames_in_window"] == 3
+    await engine.aclose()
+
+
+async def test_token_budget_evicts_frames_keeps_system_and_turns(tiny_llava):
+    engine = Engine(tiny_llava, tokens_per_frame=16, cache_budget_tokens=160)
+    s = engine.session(system_prompt=SYSTEM)
+    await feed(s, frames(2, seed=4))
+    a = s.ask(Q1, max_new_tokens=4)
+    await a.result()
+    await feed(s, frames(12, seed=5), t0=100.0)
+    cache = s._state.cache
+    kinds = [b.kind for b in cache.blocks]
+    assert kinds[0] == "system" and kinds.count("turn") == 1
+    assert cache.blocks[1].kind == "turn" and cache.blocks[1].meta["question"] == Q1  # older frames gone
+    kept_t = [b.meta["t"] for b in cache.frames()]
+    assert kept_t == sorted(kept_t) and kept_t[-1] == 111.0 and min(kept_t) > 100.0
+    assert cache.get_seq_length() == cache.count() <= 160 and cache.next_position == cache.count()
+    # the system prompt and turn rows are exactly what they were before the frames went
+    sys_rows = cache.blocks[0].tokens
+    ref = Engine(engine.adapter, cache_budget_tokens=160).session(system_prompt=SYSTEM)
+    await ref.add_frame(frames(1)[0], t=0.0)
+    torch.testing.assert_close(cache.layers[0].keys[..., :sys_rows, :],
+                               ref._state.cache.layers[0].keys[..., :sys_rows, :])
+    b = s.ask(Q2, max_new_tokens=3)  # still answers after eviction
+    assert len(await b.result()) > 0 and b.usage["completion_tokens"] == 3
+    await engine.aclose()
+
+
+async def run_alone(engine, imgs, q, seed):
+    s = engine.session(system_prompt=SYSTEM)
+    await feed(s, imgs)
+    a = s.ask(q, max_new_tokens=6, temperature=0.8 if seed else 0.0, seed=seed)
+    await a.result()
+    await s.close()
+    return a.token_ids
+
+
+async def test_concurrent_sessions_match_alone(tiny_llava):
+    engine = Engine(tiny_llava, tokens_per_frame=16, max_batch_frames=4, decode_tokens_per_round=2)
+    jobs = [(frames(3, seed=10 + i), q, seed) for i, (q, seed) in enumerate([(Q1, None), (Q2, None), (Q1, 7)])]
+    alone = [await run_alone(engine, *j) for j in jobs]
+    together = await asyncio.gather(*(run_alone(engine, *j) for j in jobs))
+    assert list(together) == alone
+    assert engine.sessions == {}
+    await engine.aclose()
+
+
+async def test_long_answer_does_not_starve_other_frames(tiny_llava):
+    engine = Engine(tiny_llava, tokens_per_frame=16, decode_tokens_per_round=2)
+    a_s, b_s = engine.session(), engine.session()
+    await a_s.add_frame(frames(1)[0], t=0.0)
+    long = a_s.ask(Q1, max_new_tokens=200)
+    it = long.__aiter__()
+    await it.__anext__()  # the answer is running
+    for f in frames(3, seed=20):
+        await b_s.add_frame(f)  # gets in between decode rounds
+    assert not long.done
+    assert b_s.stats()["frames_in_window"] == 3
+    long.cancel()
+    await engine.aclose()
+
+
+async def test_cancel_stops_and_conversation_continues(tiny_llava):
+    engine = Engine(tiny_llava, tokens_per_frame=16)
+    s = engine.session()
+    await s.add_frame(frames(1)[0], t=0.0)
+    a = s.ask(Q1, max_new_tokens=300)
+    n = 0
+    async for _ in a:
+        n += 1
+        if n == 3:
+            a.cancel()
+    assert a.usage["finish_reason"] == "cancelled"
+    assert a.usage["completion_tokens"] < 300
+    turn = s._state.cache.blocks[-1]
+    assert turn.kind == "turn"
+    # the partial answer and the end-of-turn marker are in the conversation
+    assert turn.tokens == a.usage["prompt_tokens"] + len(a.token_ids) + len(engine.end_of_turn_ids)
+    b = s.ask(Q2, max_new_tokens=2)
+    await b.result()
+    assert b.usage["finish_reason"] == "length"
+    queued = s.ask(Q1, max_new_tokens=2)
+    queued.cancel()
+    assert await queued.result() == "" and queued.usage["finish_reason"] == "cancelled"
+    await engine.aclose()
+
+
+async def test_submit_frame_backlog_drops_oldest(tiny_llava):
+    engine = Engine(tiny_llava, tokens_per_frame=16, max_backlog_frames=2)
+    s = engine.session()
+    for i, f in enumerate(frames(6, seed=30)):  # no await in between: the scheduler cannot run
+        s.submit_frame(f, t=float(i))
+    assert s.stats()["frames_dropped"] == 4 and s.stats()["frames_seen"] == 6
+    a = s.ask(Q1, max_new_tokens=2)  # sees the frames submitted before it
+    await a.result()
+    assert [b.meta["t"] for b in s._state.cache.frames()] == [4.0, 5.0]
+    await engine.aclose()
+
+
+async def test_limits_raise_stream_errors(tiny_llava):
+    engine = Engine(tiny_llava, tokens_per_frame=16, max_sessions=2, max_question_chars=20,
+                    max_new_tokens_limit=16, cache_budget_tokens=256)
+
+    def code(fn, *args, **kw):
+        with pytest.raises(StreamError) as e:
+            fn(*args, **kw)
+        return e.value.code
+
+    assert code(engine.session, system_prompt="time " * 100) == "system_prompt_too_long"
+    s = engine.session(session_id="a", system_prompt=SYSTEM)
+    assert code(engine.session, session_id="a") == "session_exists"
+    engine.session(session_id="b", system_prompt="")
+    assert code(engine.session) == "too_many_sessions"
+    assert engine.get_session("a") is s
+    assert code(engine.get_session, "nope") == "unknown_session"
+    assert code(s.ask, "x" * 21) == "question_too_long"
+    assert code(s.ask, "hi", max_new_tokens=17) == "max_new_tokens_too_large"
+    assert code(s.ask, "hi", max_new_tokens=0) == "bad_argument"
+    assert code(s.ask, "hi", top_p=0.0) == "bad_argument"
+    assert code(s.ask, "  ") == "bad_question"
+    assert code(s.submit_frame, np.zeros((4, 4), np.uint8)) == "bad_frame"
+    assert code(s.submit_frame, np.zeros((4, 4, 3), np.float32)) == "bad_frame"
+    with pytest.raises(StreamError) as e:
+        await s.add_frame(np.zeros((8, 8, 4), np.uint8))
+    assert e.value.code == "bad_frame"
+    await s.close()
+    assert code(s.ask, "hi") == "session_closed"
+    assert code(engine.get_session, "a") == "unknown_session"
+    with pytest.raises(StreamError) as e:
+        await s.add_frame(frames(1)[0])
+    assert e.value.code == "session_closed"
+    engine.session(session_id="c", system_prompt="")  # a slot is free again
+    await engine.aclose()
+    assert code(engine.session) == "engine_closed"
