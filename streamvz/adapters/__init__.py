@@ -10,6 +10,9 @@ from .base import Adapter, ChatFormat
 # config.model_type -> "module:Class" (imported lazily so one family's imports never slow another)
 FAMILIES = {
     "llava": "streamvz.adapters.llava:LlavaAdapter",
+    "llava_next_video": "streamvz.adapters.llava_next_video:LlavaNextVideoAdapter",
+    "llava_onevision": "streamvz.adapters.onevision:OnevisionAdapter",
+    "qwen2_5_vl": "streamvz.adapters.qwen2_5_vl:Qwen2_5_VLAdapter",
 }
 EMBEDDED = {"streamvz-tiny": "streamvz.tiny:load_tiny"}
 
