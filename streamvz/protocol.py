@@ -125,7 +125,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "text": (_question, True),
         "max_tokens": (_max_tokens, False),
         "temperature": (_number(0.0, 2.0), False),
-        "top_p": (_number(0.0, 1.0), False),
+        "top_p": (_number(1e-6, 1.0), False),
     },
     "cancel": {"id": (_ID, True)},
     "status": {},
@@ -160,6 +160,16 @@ def validate(obj, limits: Limits = Limits()) -> dict:
         raise StreamError("unknown_op", f"unknown op {op[:40]!r}; expected one of {sorted(SCHEMA)}")
     if "v" in obj and (isinstance(obj["v"], bool) or obj["v"] != VERSION):
         raise StreamError("unsupported_version", f"this server speaks protocol v{VERSION}")
+    try:
+        return _check_fields(op, obj, limits)
+    except StreamError as e:
+        rid = obj.get("id")  # name the ask an error concerns, when its id itself is fine
+        if isinstance(rid, str) and REQUEST_ID_RE.match(rid) and "id" not in e.details:
+            e.details["id"] = rid
+        raise
+
+
+def _check_fields(op: str, obj: dict, limits: Limits) -> dict:
     fields = SCHEMA[op]
     out = {"op": op}
     for name in obj:

@@ -35,10 +35,11 @@ class Entry:
     client: str  # who opened it (remote address or token), for the per-client cap
     bucket: TokenBucket
     send: Send | None = None  # None while detached (client gone, grace period running)
+    source: tuple[str, float] | None = None  # (what to open, fps) for a server-side source
     source_task: asyncio.Task | None = None
     asks: dict[str, asyncio.Task] = field(default_factory=dict)
+    answers: dict[str, object] = field(default_factory=dict)  # engine Answers of running asks
     cancelled: set[str] = field(default_factory=set)
-    turn: asyncio.Lock = field(default_factory=asyncio.Lock)  # answers are turns: one at a time
     expiry: asyncio.TimerHandle | None = None
     t0: float = field(default_factory=time.monotonic)  # stamps frames that come without `t`
 
@@ -48,11 +49,12 @@ class Entry:
 
 class Service:
     def __init__(self, engine, limits: Limits = Limits(), sources: SourcePolicy | None = None,
-                 grace_s: float = 30.0):
+                 grace_s: float = 30.0, realtime_files: bool = True):
         self.engine = engine
         self.limits = limits
         self.sources = sources or SourcePolicy()
         self.grace_s = grace_s
+        self.realtime_files = realtime_files  # play server-side files at their own pace, like a camera
         self.entries: dict[str, Entry] = {}
 
     # --- sessions ---------------------------------------------------------------------
@@ -82,8 +84,14 @@ class Service:
         entry = Entry(sid, session, client, TokenBucket(self.limits.max_push_fps), send)
         self.entries[sid] = entry
         if source is not None:
-            entry.source_task = asyncio.create_task(self._pump(entry, source, msg.get("fps", 1.0)))
+            entry.source = (source, msg.get("fps", 1.0))
         return entry
+
+    def start(self, entry: Entry) -> None:
+        """Start reading the session's server-side source (after `opened` went out, so that a
+        source error never reaches the client before the session it belongs to)."""
+        if entry.source is not None and entry.source_task is None:
+            entry.source_task = asyncio.create_task(self._pump(entry, *entry.source))
 
     def get(self, sid: str) -> Entry:
         entry = self.entries.get(sid)
@@ -122,13 +130,14 @@ class Service:
 
     def status(self, entry: Entry) -> dict:
         stats = dict(entry.session.stats())
-        stats["source"] = None if entry.source_task is None else ("ended" if entry.source_task.done() else "running")
+        stats["source"] = None if entry.source is None else (
+            "ended" if entry.source_task is not None and entry.source_task.done() else "running")
         return stats
 
     # --- frames -------------------------------------------------------------------------
     async def frame(self, entry: Entry, data: bytes, t: float | None = None) -> bool:
         """A pushed binary frame. Returns False if dropped by the rate cap (caller may warn)."""
-        if entry.source_task is not None:
+        if entry.source is not None:
             raise StreamError("source_busy", "this session reads a server-side source; it takes no pushed frames")
         if not entry.bucket.take():
             if entry.bucket.should_warn():
@@ -141,10 +150,10 @@ class Service:
         return True
 
     async def _pump(self, entry: Entry, source: str, fps: float) -> None:
-        from streamvz.sources import open_source
-
         try:
-            async with open_source(source, fps=fps) as src:
+            from streamvz.sources import open_source
+
+            async with open_source(source, fps=fps, realtime=self.realtime_files and "://" not in source) as src:
                 async for frame in src:
                     await entry.session.add_frame(frame.image, t=frame.t)
             await _maybe(entry.emit("status", session=entry.id, event="source_ended", **self.status(entry)))
@@ -157,41 +166,50 @@ class Service:
             await _maybe(entry.emit("error", code="internal_error", message=f"source failed: {type(e).__name__}"))
 
     # --- asks ---------------------------------------------------------------------------
-    def ask(self, entry: Entry, msg: dict) -> None:
+    def ask(self, entry: Entry, msg: dict, send: Send | None = None) -> None:
+        """Start answering; `send` (default: the session's) gets ordered token deltas, then done."""
         rid = msg["id"]
         if rid in entry.asks:
             raise StreamError("request_in_use", f"ask {rid!r} is still running", id=rid)
         if len(entry.asks) >= self.limits.max_queued_asks:
             raise StreamError("too_many_requests", f"at most {self.limits.max_queued_asks} asks per session at once", id=rid)
-        send = entry.send
+        send = send or entry.send
         task = asyncio.create_task(self._answer(entry, msg, send))
         entry.asks[rid] = task
-        task.add_done_callback(lambda _t: (entry.asks.pop(rid, None), entry.cancelled.discard(rid)))
+        task.add_done_callback(lambda _t: (entry.asks.pop(rid, None), entry.answers.pop(rid, None),
+                                           entry.cancelled.discard(rid)))
 
     def cancel(self, entry: Entry, rid: str) -> None:
         task = entry.asks.get(rid)
         if task is None:
             raise StreamError("unknown_request", f"no running ask {rid!r}", id=rid)
         entry.cancelled.add(rid)
-        task.cancel()
+        answer = entry.answers.get(rid)
+        if answer is not None:
+            answer.cancel()  # the engine stops it; the loop in _answer then sends `done`
+        else:
+            task.cancel()
 
     async def _answer(self, entry: Entry, msg: dict, send: Send) -> None:
         rid = msg["id"]
         t_start = time.monotonic()
         answer, seq, ttft = None, 0, None
         try:
-            async with entry.turn:
-                answer = entry.session.ask(msg["text"], max_new_tokens=msg.get("max_tokens", 128),
-                                           temperature=msg.get("temperature", 0.0), top_p=msg.get("top_p", 1.0))
-                async for delta in answer:
-                    if not delta:
-                        continue
-                    if ttft is None:
-                        ttft = time.monotonic() - t_start
-                    await send("token", id=rid, seq=seq, text=delta)
-                    seq += 1
+            # The engine queues asks of one session in order (turns of one conversation).
+            answer = entry.session.ask(msg["text"], max_new_tokens=msg.get("max_tokens", 128),
+                                       temperature=msg.get("temperature", 0.0), top_p=msg.get("top_p", 1.0))
+            entry.answers[rid] = answer
+            async for delta in answer:
+                if not delta:
+                    continue
+                if ttft is None:
+                    ttft = time.monotonic() - t_start
+                await send("token", id=rid, seq=seq, text=delta)
+                seq += 1
             usage = dict(answer.usage or {})
             usage.update(queued_ttft_s=ttft, wall_s=time.monotonic() - t_start, deltas=seq)
+            if rid in entry.cancelled:
+                usage["finish_reason"] = "cancelled"
             await send("done", id=rid, usage=usage)
         except asyncio.CancelledError:
             if answer is not None:
@@ -200,7 +218,7 @@ class Service:
                 raise  # shutdown, not a client's cancel
             usage = dict(getattr(answer, "usage", None) or {}) if answer is not None else {}
             usage.update(finish_reason="cancelled", deltas=seq, wall_s=time.monotonic() - t_start)
-            if entry.send is not None:  # a client's cancel; a disconnected client gets nothing
+            if entry.send is not None:  # a client's cancel; a detached client gets nothing
                 await _maybe(send("done", id=rid, usage=usage))
         except PeerGone:
             if answer is not None:

@@ -142,6 +142,7 @@ class _Conn:
         self.entry = await self.service.open(msg, self.client, self.send)
         await self.send("opened", session=self.entry.id, resumed=resumed, limits=self.service.limits.public(),
                         **self.service.status(self.entry))
+        self.service.start(self.entry)
 
     async def op_ask(self, msg):
         self.service.ask(self._need_session(), msg)

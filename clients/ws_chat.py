@@ -1,0 +1,213 @@
+"""Terminal chat with a streamvz server over a websocket: watch a video, type questions.
+
+    python clients/ws_chat.py --source clips/lobby.mp4          # the server opens the file/URL
+    python clients/ws_chat.py --video ~/Videos/cat.mp4           # this machine decodes, pushes JPEGs
+    python clients/ws_chat.py --webcam /dev/video0 --ask "What do you see?"
+
+`WsChat` is also the library client (the demo, the bench and the tests use it):
+
+    async with WsChat("ws://127.0.0.1:8765/ws") as chat:
+        await chat.open(source="clip.mp4", fps=2)
+        answer = chat.ask("What is happening?")
+        async for delta in answer: print(delta, end="")
+        print(answer.usage)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+import websockets
+
+from streamvz import protocol
+from streamvz.errors import StreamError
+
+
+class Answer:
+    """Deltas of one ask, in `seq` order; `usage` once done. Raises StreamError on an `error`."""
+
+    def __init__(self, chat: "WsChat", rid: str):
+        self.chat, self.id = chat, rid
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.usage: dict | None = None
+        self.text = ""
+        self.seqs: list[int] = []
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> str:
+        msg = await self.queue.get()
+        if msg["op"] == "token":
+            self.seqs.append(msg["seq"])
+            self.text += msg["text"]
+            return msg["text"]
+        self.chat._answers.pop(self.id, None)
+        if msg["op"] == "done":
+            self.usage = msg["usage"]
+            raise StopAsyncIteration
+        raise StreamError(msg["code"], msg["message"])
+
+    async def cancel(self):
+        await self.chat.send(op="cancel", id=self.id)
+
+    async def result(self) -> str:
+        async for _ in self:
+            pass
+        return self.text
+
+
+class WsChat:
+    def __init__(self, url: str, token: str | None = None, max_size: int = 16 * 2**20):
+        self.url, self.token, self.max_size = url, token, max_size
+        self.ws = None
+        self.session: str | None = None
+        self.events: asyncio.Queue = asyncio.Queue()  # opened/status/closed/errors without a live ask
+        self._answers: dict[str, Answer] = {}
+        self._n = 0
+        self._reader = None
+
+    async def __aenter__(self):
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        self.ws = await websockets.connect(self.url, additional_headers=headers, max_size=self.max_size)
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.ws.close()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def _read(self):
+        try:
+            async for raw in self.ws:
+                msg = json.loads(raw)
+                answer = self._answers.get(msg.get("id")) if msg.get("op") in ("token", "done", "error") else None
+                (answer.queue if answer else self.events).put_nowait(msg)
+        except websockets.ConnectionClosed:
+            pass
+        finally:  # wake whoever waits: the connection is gone
+            gone = {"op": "error", "code": "connection_closed", "message": "the server closed the connection"}
+            for a in self._answers.values():
+                a.queue.put_nowait(gone)
+            self.events.put_nowait(gone)
+
+    async def send(self, **msg):
+        await self.ws.send(json.dumps({"v": protocol.VERSION, **msg}))
+
+    async def expect(self, *ops: str, timeout: float = 60) -> dict:
+        """Next event whose op is in `ops`; an `error` raises StreamError."""
+        while True:
+            msg = await asyncio.wait_for(self.events.get(), timeout)
+            if msg["op"] == "error":
+                raise StreamError(msg["code"], msg["message"])
+            if msg["op"] in ops:
+                return msg
+
+    async def open(self, source: str | None = None, fps: float | None = None, session: str | None = None,
+                   system_prompt: str | None = None) -> dict:
+        fields = {k: v for k, v in dict(source=source, fps=fps, session=session, system_prompt=system_prompt).items()
+                  if v is not None}
+        await self.send(op="open", **fields)
+        opened = await self.expect("opened")
+        self.session = opened["session"]
+        return opened
+
+    async def push(self, image, t: float | None = None):
+        await self.ws.send(protocol.encode_frame(image, t))
+
+    def ask(self, text: str, max_tokens: int = 128, **kw) -> Answer:
+        self._n += 1
+        rid = f"q{self._n}"
+        answer = self._answers[rid] = Answer(self, rid)
+        asyncio.ensure_future(self.send(op="ask", id=rid, text=text, max_tokens=max_tokens, **kw))
+        return answer
+
+    async def status(self) -> dict:
+        await self.send(op="status")
+        return await self.expect("status")
+
+    async def close(self) -> dict:
+        await self.send(op="close")
+        return await self.expect("closed")
+
+
+async def _push_local(chat: WsChat, url: str, fps: float):
+    from streamvz.sources import open_source
+
+    async with open_source(url, fps=fps) as src:
+        async for frame in src:
+            await chat.push(frame.image, frame.t)
+
+
+async def _lines():
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line:
+            return
+        yield line.strip()
+
+
+async def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Chat about a video with a streamvz server (websocket).")
+    p.add_argument("--url", default="ws://127.0.0.1:8765/ws", help="server websocket URL")
+    p.add_argument("--token", help="bearer token, if the server wants one")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--source", help="a URL or a file under the server's media root: the SERVER opens it")
+    g.add_argument("--video", help="a local video file: decoded here and pushed as JPEG frames")
+    g.add_argument("--webcam", nargs="?", const="/dev/video0", help="a local camera device (default /dev/video0)")
+    p.add_argument("--fps", type=float, default=1.0, help="frames per second to sample")
+    p.add_argument("--session", help="resume this session id")
+    p.add_argument("--ask", action="append", default=[], help="ask this and exit (repeatable); else interactive")
+    p.add_argument("--wait", type=float, default=2.0, help="seconds to let frames arrive before --ask questions")
+    p.add_argument("--max-tokens", type=int, default=128)
+    a = p.parse_args(argv)
+    async with WsChat(a.url, a.token) as chat:
+        try:
+            opened = await chat.open(source=a.source, fps=a.fps if a.source else None, session=a.session)
+        except StreamError as e:
+            print(f"error [{e.code}]: {e.message}", file=sys.stderr)
+            return 2
+        print(f"session {opened['session']} ({'resumed' if opened['resumed'] else 'new'})", file=sys.stderr)
+        pusher = None
+        if a.video or a.webcam:
+            pusher = asyncio.create_task(_push_local(chat, a.video or a.webcam, a.fps))
+        questions = a.ask
+        if questions:
+            await asyncio.sleep(a.wait)
+        else:
+            print("type a question (or /status, /quit)", file=sys.stderr)
+        source = questions if questions else _lines()
+        if questions:
+            async def gen():
+                for q in questions:
+                    yield q
+            source = gen()
+        async for q in source:
+            if q in ("/quit", "/exit"):
+                break
+            if q == "/status":
+                print(json.dumps(await chat.status()))
+                continue
+            if not q:
+                continue
+            answer = chat.ask(q, max_tokens=a.max_tokens)
+            print(f"Q: {q}\nA: ", end="", flush=True)
+            try:
+                async for delta in answer:
+                    print(delta, end="", flush=True)
+                u = answer.usage
+                print(f"\n   [{u.get('completion_tokens')} tokens, first after {u.get('ttft_s') or 0:.2f}s, "
+                      f"{u.get('tokens_per_s') or 0:.1f} tok/s]", flush=True)
+            except StreamError as e:
+                print(f"\nerror [{e.code}]: {e.message}", flush=True)
+        if pusher:
+            pusher.cancel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
