@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -108,8 +109,15 @@ def write_av1(path, frames_or_count=10, fps: float = 25, size=(160, 96)) -> str:
 
 
 def write_empty(path, size=(160, 96)) -> str:
-    """A well-formed mp4 with one H.264 video track and zero frames."""
-    return write_h264(path, [], size=size)
+    """A well-formed file with one H.264 video stream and zero frames (`path` should end in
+    .avi: the mp4 muxer drops a track without samples, AVI keeps it)."""
+    path = os.fspath(path)
+    with av.open(path, "w") as out:
+        st = out.add_stream("libx264", rate=25)
+        st.width, st.height = size
+        st.pix_fmt = "yuv420p"
+        out.start_encoding()  # write the header even though no packet follows
+    return path
 
 
 def write_audio_only(path, seconds: float = 1.0) -> str:
@@ -200,8 +208,14 @@ class MpegTsSender:
     def reader_url(self) -> str:
         return f"{self.proto}://127.0.0.1:{self.port}"
 
-    def start(self) -> "MpegTsSender":
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    def start(self, wait: float = 20.0) -> "MpegTsSender":
+        """Start the sender and wait until it is about to listen/send (imports take a while)."""
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        ready, _, _ = select.select([self.proc.stdout], [], [], wait)
+        if not ready or self.proc.stdout.readline().strip() != b"ready":
+            self.stop()
+            raise RuntimeError(f"sender did not start: {self.args}")
+        time.sleep(0.05)  # from "ready" to listen() is a few FFmpeg calls
         return self
 
     def stop(self) -> None:
@@ -209,8 +223,8 @@ class MpegTsSender:
             self.proc.kill()
         if self.proc:
             self.proc.wait(10)
-            if self.proc.stderr:
-                self.proc.stderr.close()
+            if self.proc.stdout:
+                self.proc.stdout.close()
 
     def wait(self, timeout: float) -> int:
         return self.proc.wait(timeout)
@@ -238,6 +252,7 @@ def _main(argv=None) -> None:
     w, h = (int(v) for v in a.size.split("x"))
     url = (f"tcp://127.0.0.1:{a.port}?listen=1" if a.proto == "tcp"
            else f"udp://127.0.0.1:{a.port}?pkt_size=1316")
+    print("ready", flush=True)
     try:
         send_mpegts(url, a.frames, a.fps, (w, h), a.start, pause_at=a.pause_at, pause_s=a.pause)
     except (BrokenPipeError, ConnectionResetError, av.error.FFmpegError):
