@@ -192,9 +192,26 @@ BUILDERS = {
 }
 
 
+_BUILT: dict[str, Path] = {}
+
+
+def checkpoint(family: str) -> str:
+    """Build a family's tiny checkpoint once per process (a temp dir) and return its path."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if family not in _BUILT:
+        path = tempfile.mkdtemp(prefix=f"tiny_{family}_")
+        atexit.register(shutil.rmtree, path, True)
+        _BUILT[family] = BUILDERS[family](Path(path))
+    return str(_BUILT[family])
+
+
 if __name__ == "__main__":  # build all three into a folder, to poke at them by hand
     import sys
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/tiny_families")
     for name, build in BUILDERS.items():
         print(name, build(out / name), json.loads((out / name / "config.json").read_text())["architectures"])
+
