@@ -77,11 +77,11 @@ async def test_server_side_source(server):
         await chat.open(source="clip.mp4", fps=5)
         ended = await chat.expect("status")
         assert ended["event"] == "source_ended" and ended["source"] == "ended"
-        assert ended["frames_seen"] == 4 and ended["frames_in_window"] == 4  # 2 s at 5 fps, sampled to 10 fps clip
+        assert ended["frames_seen"] == 10 and ended["frames_in_window"] == 10  # a 2 s clip sampled at 5 fps
         text = await chat.ask("What happens?", max_tokens=5).result()
         assert text
         await chat.send(op="status")
-        assert (await chat.expect("status"))["frames_seen"] == 4
+        assert (await chat.expect("status"))["frames_seen"] == 10
 
 
 async def test_hostile_inputs_get_their_errors_while_another_session_streams(server, media):

@@ -37,6 +37,7 @@ class Entry:
     send: Send | None = None  # None while detached (client gone, grace period running)
     source: tuple[str, float] | None = None  # (what to open, fps) for a server-side source
     source_task: asyncio.Task | None = None
+    source_state: str | None = None  # running | ended | failed
     asks: dict[str, asyncio.Task] = field(default_factory=dict)
     answers: dict[str, object] = field(default_factory=dict)  # engine Answers of running asks
     cancelled: set[str] = field(default_factory=set)
@@ -91,6 +92,7 @@ class Service:
         """Start reading the session's server-side source (after `opened` went out, so that a
         source error never reaches the client before the session it belongs to)."""
         if entry.source is not None and entry.source_task is None:
+            entry.source_state = "running"
             entry.source_task = asyncio.create_task(self._pump(entry, *entry.source))
 
     def get(self, sid: str) -> Entry:
@@ -130,8 +132,7 @@ class Service:
 
     def status(self, entry: Entry) -> dict:
         stats = dict(entry.session.stats())
-        stats["source"] = None if entry.source is None else (
-            "ended" if entry.source_task is not None and entry.source_task.done() else "running")
+        stats["source"] = entry.source_state
         return stats
 
     # --- frames -------------------------------------------------------------------------
@@ -156,12 +157,15 @@ class Service:
             async with open_source(source, fps=fps, realtime=self.realtime_files and "://" not in source) as src:
                 async for frame in src:
                     await entry.session.add_frame(frame.image, t=frame.t)
+            entry.source_state = "ended"
             await _maybe(entry.emit("status", session=entry.id, event="source_ended", **self.status(entry)))
         except asyncio.CancelledError:
             raise
         except StreamError as e:
+            entry.source_state = "failed"
             await _maybe(entry.emit("error", code=e.code, message=e.message))
         except Exception as e:  # a broken source must not take the server down
+            entry.source_state = "failed"
             log.exception("source %s failed", source)
             await _maybe(entry.emit("error", code="internal_error", message=f"source failed: {type(e).__name__}"))
 
