@@ -1,0 +1,280 @@
+"""Synthetic scenes, clips and question/answer pairs for training and measuring streamvz-tiny.
+
+A scene is a few coloured shapes on a background (flat colour, gradient, stripes, or one
+of scikit-image's photos). Every object in a scene has its own shape and its own colour,
+so "what color is the circle?" has exactly one answer. Answers are one word or digit, so
+exact match is a fair score. The `split` decides which photos and which seed stream are
+used: "train" and "test" never share a photo, and callers use disjoint seeds.
+
+    rng = np.random.default_rng(0)
+    scene = random_scene(rng, "train")
+    frame = render(scene)                    # uint8 [224, 224, 3]
+    qa = questions(scene, rng, n=4)         # [("What color is the star?", "red"), ...]
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 224
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 70, 230),
+    "yellow": (240, 220, 20),
+    "purple": (150, 40, 200),
+    "white": (250, 250, 250),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+TRAIN_PHOTOS = ("astronaut", "brick", "camera", "coffee", "coins", "grass", "gravel", "moon",
+                "page", "rocket", "immunohistochemistry", "chelsea")
+TEST_PHOTOS = ("cat", "hubble_deep_field", "retina", "text")
+MAX_OBJECTS = 3
+ANSWERS = (*COLOURS, *SHAPES, "yes", "no", "left", "right", "top", "bottom",
+           *(str(i) for i in range(MAX_OBJECTS + 1)))
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    colour: str
+    cx: float  # centre, pixels in the SIZE x SIZE canvas
+    cy: float
+    size: float  # bounding box side, pixels
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: tuple  # ("flat", rgb) | ("gradient", rgb, rgb) | ("stripes", rgb, rgb, period) | ("photo", name, x, y, crop)
+    objects: tuple[Obj, ...] = field(default_factory=tuple)
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering
+
+
+@lru_cache(maxsize=None)
+def _photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    img = np.asarray(getattr(skimage.data, name)())
+    if img.dtype == bool:
+        img = img.astype(np.uint8) * 255
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    return np.ascontiguousarray(img[..., :3])
+
+
+def _background(bg: tuple) -> Image.Image:
+    kind = bg[0]
+    if kind == "flat":
+        return Image.new("RGB", (SIZE, SIZE), bg[1])
+    if kind == "gradient":
+        t = np.linspace(0, 1, SIZE)[:, None, None]
+        arr = (1 - t) * np.array(bg[1]) + t * np.array(bg[2])
+        return Image.fromarray(np.broadcast_to(arr, (SIZE, SIZE, 3)).astype(np.uint8))
+    if kind == "stripes":
+        rows = (np.arange(SIZE) // bg[3]) % 2
+        arr = np.where(rows[:, None, None] == 0, np.array(bg[1]), np.array(bg[2]))
+        return Image.fromarray(np.broadcast_to(arr, (SIZE, SIZE, 3)).astype(np.uint8))
+    if kind == "photo":
+        _, name, x, y, crop = bg
+        img = _photo(name)[y : y + crop, x : x + crop]
+        # Dimmed a little so that saturated shapes stay the most salient thing in view.
+        return Image.fromarray((img * 0.75).astype(np.uint8)).resize((SIZE, SIZE), Image.BILINEAR)
+    raise ValueError(f"unknown background {kind!r}")
+
+
+def _polygon(o: Obj) -> list[tuple[float, float]]:
+    r = o.size / 2
+    if o.shape == "triangle":
+        return [(o.cx, o.cy - r), (o.cx + r, o.cy + r * 0.8), (o.cx - r, o.cy + r * 0.8)]
+    if o.shape == "star":
+        pts = []
+        for i in range(10):
+            rad = r if i % 2 == 0 else r * 0.45
+            a = -math.pi / 2 + i * math.pi / 5
+            pts.append((o.cx + rad * math.cos(a), o.cy + rad * math.sin(a)))
+        return pts
+    raise ValueError(o.shape)
+
+
+def render(scene: Scene) -> np.ndarray:
+    """Scene -> uint8 [SIZE, SIZE, 3]."""
+    img = _background(scene.background)
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        fill, r = COLOURS[o.colour], o.size / 2
+        box = (o.cx - r, o.cy - r, o.cx + r, o.cy + r)
+        outline = (0, 0, 0) if o.colour != "white" else (60, 60, 60)
+        if o.shape == "circle":
+            draw.ellipse(box, fill=fill, outline=outline, width=2)
+        elif o.shape == "square":
+            draw.rectangle(box, fill=fill, outline=outline, width=2)
+        else:
+            draw.polygon(_polygon(o), fill=fill, outline=outline, width=2)
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling
+
+
+def random_background(rng: np.random.Generator, split: str) -> tuple:
+    photos = TRAIN_PHOTOS if split == "train" else TEST_PHOTOS
+    kind = rng.choice(["flat", "gradient", "stripes", "photo", "photo"])
+
+    def dull():  # muted colours, so a background is never mistaken for an object
+        return tuple(int(v) for v in rng.integers(40, 150, size=3))
+
+    if kind == "flat":
+        return ("flat", dull())
+    if kind == "gradient":
+        return ("gradient", dull(), dull())
+    if kind == "stripes":
+        return ("stripes", dull(), dull(), int(rng.integers(8, 40)))
+    name = str(rng.choice(photos))
+    h, w = _photo(name).shape[:2]
+    crop = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
+    return ("photo", name, int(rng.integers(0, w - crop + 1)), int(rng.integers(0, h - crop + 1)), crop)
+
+
+def _place(rng, n: int, placed: list[Obj], tries: int = 200) -> list[tuple[float, float, float]]:
+    out = []
+    for _ in range(tries):
+        if len(out) == n:
+            break
+        size = float(rng.uniform(44, 70))
+        m = size / 2 + 4
+        cx, cy = float(rng.uniform(m, SIZE - m)), float(rng.uniform(m, SIZE - m))
+        others = [(o.cx, o.cy, o.size) for o in placed] + out
+        if all(abs(cx - x) > (size + s) / 2 + 6 or abs(cy - y) > (size + s) / 2 + 6 for x, y, s in others):
+            out.append((cx, cy, size))
+    return out
+
+
+def random_objects(rng: np.random.Generator, n: int) -> tuple[Obj, ...]:
+    shapes = rng.permutation(SHAPES)[:n]
+    colours = rng.permutation(list(COLOURS))[:n]
+    spots = _place(rng, n, [])
+    return tuple(Obj(str(s), str(c), *spot) for s, c, spot in zip(shapes, colours, spots))
+
+
+def random_scene(rng: np.random.Generator, split: str = "train", n: int | None = None) -> Scene:
+    n = int(rng.integers(1, MAX_OBJECTS + 1)) if n is None else n
+    return Scene(random_background(rng, split), random_objects(rng, n))
+
+
+# ---------------------------------------------------------------------------------------
+# Questions
+
+
+def _absent(rng, scene: Scene) -> tuple[str, str]:
+    """A colour/shape pair that is not in the scene (often one word away from one that is)."""
+    present = {(o.colour, o.shape) for o in scene.objects}
+    while True:
+        if scene.objects and rng.random() < 0.7:
+            o = scene.objects[int(rng.integers(len(scene.objects)))]
+            pair = (o.colour, str(rng.choice(SHAPES))) if rng.random() < 0.5 else (str(rng.choice(list(COLOURS))), o.shape)
+        else:
+            pair = (str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
+        if pair not in present:
+            return pair
+
+
+def questions(scene: Scene, rng: np.random.Generator, n: int = 4) -> list[tuple[str, str]]:
+    """Up to n distinct (question, answer) pairs about one scene, kinds mixed at random."""
+    objs = scene.objects
+    pool: list[tuple[str, str]] = [("How many shapes are there?", str(len(objs)))]
+    for o in objs:
+        pool.append((f"What color is the {o.shape}?", o.colour))
+        pool.append((f"What shape is the {o.colour} object?", o.shape))
+        pool.append((f"Is there a {o.name}?", "yes"))
+        if abs(o.cx - SIZE / 2) > 24:
+            pool.append((f"Is the {o.name} on the left or the right?", "left" if o.cx < SIZE / 2 else "right"))
+        if abs(o.cy - SIZE / 2) > 24:
+            pool.append((f"Is the {o.name} at the top or the bottom?", "top" if o.cy < SIZE / 2 else "bottom"))
+    for _ in range(max(1, len(objs))):  # as many "no" as "yes" questions
+        c, s = _absent(rng, scene)
+        pool.append((f"Is there a {c} {s}?", "no"))
+    pool = list(dict.fromkeys(pool))
+    order = rng.permutation(len(pool))[:n]
+    return [pool[i] for i in order]
+
+
+def clip_questions(scenes: list[Scene], rng: np.random.Generator, n: int = 2) -> list[tuple[str, str]]:
+    """Questions over several frames: was an object seen in any of them."""
+    seen = {(o.colour, o.shape) for s in scenes for o in s.objects}
+    pool = []
+    for c, s in seen:
+        pool.append((f"Was there a {c} {s}?", "yes"))
+    for _ in range(len(seen)):
+        pair = (str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
+        if pair not in seen:
+            pool.append((f"Was there a {pair[0]} {pair[1]}?", "no"))
+    pool = list(dict.fromkeys(pool))
+    order = rng.permutation(len(pool))[:n]
+    return [pool[i] for i in order]
+
+
+# ---------------------------------------------------------------------------------------
+# Clips
+
+
+def moving_clip(rng: np.random.Generator, frames: int, split: str = "test") -> list[Scene]:
+    """One background, objects that drift, one that enters half way and one that leaves."""
+    bg = random_background(rng, split)
+    objs = list(random_objects(rng, 2))
+    velocity = [tuple(rng.uniform(-3, 3, size=2)) for _ in objs]
+    out = []
+    for t in range(frames):
+        moved = []
+        for o, (vx, vy) in zip(objs, velocity):
+            r = o.size / 2 + 2
+            moved.append(replace(o, cx=float(np.clip(o.cx + vx * t, r, SIZE - r)), cy=float(np.clip(o.cy + vy * t, r, SIZE - r))))
+        out.append(Scene(bg, tuple(moved[1:] if t >= frames // 2 else moved)))
+    return out
+
+
+@dataclass
+class LongVideo:
+    """A long clip of mostly empty frames with one-object events at known times."""
+
+    scenes: list[Scene]
+    fps: float
+    events: list[tuple[float, Obj]]  # (time in s, the object shown)
+    absent: list[tuple[str, str]]  # colour/shape pairs never shown (negative questions)
+
+
+def long_video(rng: np.random.Generator, minutes: float = 10.0, fps: float = 0.2, events: int = 8,
+               split: str = "test") -> LongVideo:
+    """Events spread evenly over the clip, each a distinct colour+shape, one frame each."""
+    n = int(round(minutes * 60 * fps))
+    bg = random_background(rng, split)
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    order = rng.permutation(len(pairs))
+    shown = [pairs[i] for i in order[:events]]
+    absent = [pairs[i] for i in order[events : 2 * events]]
+    slots = np.linspace(0, n - 1, events + 2)[1:-1].round().astype(int)
+    scenes = [Scene(bg) for _ in range(n)]
+    ev = []
+    for (c, s), i in zip(shown, slots):
+        (cx, cy, size), = _place(rng, 1, [])
+        o = Obj(s, c, cx, cy, size)
+        scenes[i] = Scene(bg, (o,))
+        ev.append((i / fps, o))
+    return LongVideo(scenes, fps, ev, absent)
+
+
+def normalise(answer: str) -> str:
+    """What exact match compares: first word, lower case, no punctuation."""
+    words = answer.strip().lower().replace(".", " ").replace(",", " ").split()
+    return words[0] if words else ""
