@@ -1,0 +1,232 @@
+"""VisionZip for plain transformers users: one call, one model instance, undoable.
+
+    model, processor = streamvz.visionzip(model, processor, dominant=54, contextual=10)
+    out = model.generate(**processor(images=image, text=prompt, return_tensors="pt"))
+    streamvz.dropin.remove_visionzip(model, processor)      # back to the original behaviour
+
+What it changes, and only on the objects passed in (the classes stay untouched, so other
+instances in the process are unaffected):
+  * the model's feature method (an instance attribute shadowing the class's method on the inner
+    `model.model`): vision tower -> VisionZip -> the model's projector, `dominant + contextual`
+    tokens per image or frame;
+  * the processor's placeholder expansion (`replace_image_token` / `replace_video_token`), so the
+    prompt holds exactly as many image/video tokens as there are compressed features;
+  * for Qwen2.5-VL also `get_rope_index`, so kept tokens keep their own (t, h, w) positions.
+The vision tower runs without gradients (VisionZip is inference-only); the projector and the
+language model run as usual.
+
+Supported (what is compressed):
+  LlavaForConditionalGeneration            images (CLIP: CLS + top patches)
+  LlavaNextVideoForConditionalGeneration   videos, per frame (replaces the 2x2 pooling);
+                                           images (anyres crops) pass through unchanged
+  LlavaOnevisionForConditionalGeneration   videos, per frame, + the model's newline row per video;
+                                           images (anyres crops) pass through unchanged
+  Qwen2_5_VLForConditionalGeneration       images (each its own (1, h, w) grid); videos pass
+                                           through unchanged
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .visionzip import VisionZip, tower_info
+
+_ATTR = "_streamvz_visionzip"
+SUPPORTED = (
+    "LlavaForConditionalGeneration",
+    "LlavaNextVideoForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
+)
+
+
+def _family(model) -> str:
+    for cls in type(model).__mro__:
+        if cls.__name__ in SUPPORTED:
+            return cls.__name__
+    raise ValueError(
+        f"streamvz.visionzip does not support {type(model).__name__}; supported classes: {', '.join(SUPPORTED)}"
+    )
+
+
+def _feature_layer(config, given) -> int:
+    layer = config.vision_feature_layer if given is None else given
+    if not isinstance(layer, int):
+        raise ValueError(f"VisionZip needs one vision feature layer; this model concatenates layers {layer}")
+    return layer
+
+
+class _Patch:
+    """The instance attributes set on the model and processor, so they can be taken off again."""
+
+    def __init__(self):
+        self.set: list[tuple[object, str]] = []
+
+    def put(self, obj, name: str, fn) -> None:
+        if obj is None:
+            return
+        if name in vars(obj):
+            raise RuntimeError(f"{type(obj).__name__}.{name} is already overridden on this instance")
+        setattr(obj, name, fn)
+        self.set.append((obj, name))
+
+    def undo(self) -> None:
+        for obj, name in reversed(self.set):
+            if name in vars(obj):
+                delattr(obj, name)
+        self.set.clear()
+
+
+# -- LLaVA family ----------------------------------------------------------------------------
+
+
+def _check_budget(inner, vz: VisionZip) -> None:
+    """Fail at setup, not mid-generate, when the budget is more than the tower produces."""
+    _, has_cls = tower_info(inner.vision_tower)
+    vc = inner.config.vision_config
+    vz.check((vc.image_size // vc.patch_size) ** 2 + int(has_cls), has_cls)
+
+
+def _llava(inner, processor, vz: VisionZip, patch: _Patch) -> None:
+    _check_budget(inner, vz)
+    def get_image_features(pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None,
+                           **_kw):
+        # VisionZip keeps CLS as a dominant token, as the reference does, whatever the select strategy
+        z = vz.compress(inner.vision_tower, pixel_values, _feature_layer(inner.config, vision_feature_layer))
+        feats = inner.multi_modal_projector(z.tokens.clone())  # clone: out of inference mode
+        return BaseModelOutputWithPooling(pooler_output=list(feats))
+
+    patch.put(inner, "get_image_features", get_image_features)
+    patch.put(processor, "replace_image_token",
+              lambda image_inputs, image_idx, **kw: processor.image_token * vz.tokens)
+
+
+def _num_frames(video_inputs, video_idx) -> int:
+    video = video_inputs["pixel_values_videos"][video_idx]
+    return len(video) if isinstance(video, (list, tuple)) else int(video.shape[0])
+
+
+def _video_llava(inner, processor, vz: VisionZip, patch: _Patch, newline: bool) -> None:
+    _check_budget(inner, vz)
+    def get_video_features(pixel_values_videos, vision_feature_layer=None, vision_feature_select_strategy=None,
+                           **_kw):
+        B, T = pixel_values_videos.shape[:2]
+        pv = pixel_values_videos.flatten(0, 1)
+        z = vz.compress(inner.vision_tower, pv, _feature_layer(inner.config, vision_feature_layer))
+        feats = inner.multi_modal_projector(z.tokens.clone()).reshape(B, T * vz.tokens, -1)  # frames in order
+        if newline:  # OneVision closes every video with its learned newline row
+            feats = torch.cat([feats, inner.image_newline.to(feats.dtype).expand(B, 1, -1)], dim=1)
+        return BaseModelOutputWithPooling(pooler_output=feats)
+
+    patch.put(inner, "get_video_features", get_video_features)
+    patch.put(processor, "replace_video_token",
+              lambda video_inputs, video_idx, **kw:
+              processor.video_token * (_num_frames(video_inputs, video_idx) * vz.tokens + int(newline)))
+
+
+# -- Qwen2.5-VL ------------------------------------------------------------------------------
+
+
+def _qwen(inner, processor, vz: VisionZip, patch: _Patch) -> None:
+    from .adapters.qwen2_5_vl import qwen_visionzip
+
+    memo: dict = {}
+
+    def zipped(pixel_values, grid):
+        key = (pixel_values.data_ptr(), tuple(pixel_values.shape), tuple(grid.flatten().tolist()))
+        if memo.get("key") != key:  # get_rope_index and get_image_features see the same images
+            memo.update(key=key, z=qwen_visionzip(inner.visual, pixel_values, grid, vz))
+        return memo["z"]
+
+    def get_image_features(pixel_values, image_grid_thw=None, **_kw):
+        z = zipped(pixel_values, image_grid_thw)
+        return BaseModelOutputWithPooling(pooler_output=tuple(t.clone() for t in z.tokens))
+
+    def get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
+                       second_per_grid_ts=None, attention_mask=None, pixel_values=None, **_kw):
+        """The model's 3-D positions with each image replaced by its kept tokens' own (t, h, w)
+        offsets; an image then spans max(offset) + 1 positions (as in streamvz's engine)."""
+        if pixel_values is not None:
+            offsets = zipped(pixel_values, image_grid_thw).offsets
+        elif image_grid_thw is not None:
+            if "z" not in memo:
+                raise RuntimeError("get_rope_index needs pixel_values before the images are encoded")
+            offsets = memo["z"].offsets
+        images = iter(offsets or [])
+        videos = iter(video_grid_thw if video_grid_thw is not None else [])
+        seconds = iter(second_per_grid_ts if second_per_grid_ts is not None else itertools.repeat(1))
+        merge = inner.config.vision_config.spatial_merge_size
+        per_second = inner.config.vision_config.tokens_per_second
+        position_ids = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
+        deltas = []
+        for b in range(input_ids.shape[0]):
+            types = mm_token_type_ids[b]
+            keep = attention_mask[b].bool() if attention_mask is not None else torch.ones_like(types, dtype=torch.bool)
+            types = types[keep]
+            pieces, pos = [], 0
+            for kind, group in itertools.groupby(types.tolist()):
+                n = len(list(group))
+                if kind == 0:  # text
+                    pieces.append(torch.arange(n).expand(3, n) + pos)
+                    pos += n
+                elif kind == 1:  # a compressed image
+                    off = next(images).cpu()
+                    if off.shape[1] != n:
+                        raise ValueError(f"an image has {n} placeholder tokens but VisionZip keeps {off.shape[1]}")
+                    pieces.append(off + pos)
+                    pos += int(off.max()) + 1
+                else:  # a video: the model's own layout (not compressed)
+                    grid = next(videos)
+                    ids = inner.get_vision_position_ids(pos, grid, 1, merge, per_second * next(seconds))
+                    pieces.append(ids.cpu())
+                    pos += max(int(grid[1]), int(grid[2])) // merge
+            flat = torch.cat(pieces, dim=1).to(position_ids)
+            position_ids[:, b, keep] = flat
+            deltas.append(int(flat.max()) + 1 - len(types))
+        return position_ids, torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
+
+    patch.put(inner, "get_image_features", get_image_features)
+    patch.put(inner, "get_rope_index", get_rope_index)
+    patch.put(processor, "replace_image_token",
+              lambda image_inputs, image_idx, **kw: processor.image_token * vz.tokens)
+
+
+# -- public ------------------------------------------------------------------------------------
+
+
+def visionzip(model, processor=None, dominant: int = 54, contextual: int = 10, merge: str = "reference"):
+    """Set up `model` (and `processor`) so generate() sees VisionZip-compressed visual tokens.
+
+    Returns (model, processor): the same objects. Call again to change the budget; undo with
+    `remove_visionzip`. Raises ValueError for model classes that are not supported.
+    """
+    family = _family(model)
+    vz = VisionZip(dominant, contextual, merge)
+    remove_visionzip(model, processor)
+    patch = _Patch()
+    inner = model.model
+    try:
+        if family == "LlavaForConditionalGeneration":
+            _llava(inner, processor, vz, patch)
+        elif family == "LlavaNextVideoForConditionalGeneration":
+            _video_llava(inner, processor, vz, patch, newline=False)
+        elif family == "LlavaOnevisionForConditionalGeneration":
+            _video_llava(inner, processor, vz, patch, newline=True)
+        else:
+            _qwen(inner, processor, vz, patch)
+    except Exception:
+        patch.undo()
+        raise
+    patch.vz = vz
+    object.__setattr__(model, _ATTR, patch)  # plain attribute: not a submodule, not saved
+    return model, processor
+
+
+def remove_visionzip(model, processor=None) -> None:
+    """Take the drop-in off `model` (and its processor); a no-op where it is not on."""
+    patch = vars(model).get(_ATTR)
+    if patch is not None:
+        patch.undo()
+        del model.__dict__[_ATTR]
