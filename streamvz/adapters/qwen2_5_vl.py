@@ -148,7 +148,9 @@ class Qwen2_5_VLAdapter(Adapter):
     rope_dims = 3
 
     def __init__(self, model: str, tokens_per_frame: int | None = 64, device=None, dtype=None,
-                 merge: str = "reference", **load_kwargs):
+                 merge: str = "reference", max_frame_pixels: int | None = 448 * 448, **load_kwargs):
+        """`max_frame_pixels` caps a frame's resolution before the ViT (Qwen's image default,
+        ~12.8 MP, is far too much for a stream): 448x448 = 256 merged tokens before VisionZip."""
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
         self.model = self.model_class.from_pretrained(model, dtype=self.dtype, **load_kwargs).to(self.device).eval()
@@ -157,7 +159,13 @@ class Qwen2_5_VLAdapter(Adapter):
         self.visual = self.model.model.visual
         self.merge = self.model.config.vision_config.spatial_merge_size
         self.vz = VisionZip(*split(tokens_per_frame), merge=merge) if tokens_per_frame is not None else None
-        self.tokens_per_frame = tokens_per_frame  # None: depends on the frame size (merged grid)
+        size = dict(self.image_processor.size)
+        if max_frame_pixels is not None:
+            size["longest_edge"] = min(size["longest_edge"], max_frame_pixels)
+        self.frame_size = size  # Qwen's size dict: min / max pixels per frame
+        vc = self.model.config.vision_config
+        # uncompressed, a frame's token count follows its aspect ratio; this is the upper bound
+        self.tokens_per_frame = tokens_per_frame or size["longest_edge"] // (vc.patch_size * self.merge) ** 2
         text_cfg = self.model.config.get_text_config()
         self.max_position_embeddings = text_cfg.max_position_embeddings
         eos = self.model.generation_config.eos_token_id
@@ -169,7 +177,7 @@ class Qwen2_5_VLAdapter(Adapter):
 
     def pixel_values(self, frames) -> tuple[torch.Tensor, torch.Tensor]:
         """Each frame as an image: Qwen's own resize to a multiple of 28 px, patches flattened."""
-        out = self.image_processor(images=as_frame_list(frames), return_tensors="pt")
+        out = self.image_processor(images=as_frame_list(frames), size=self.frame_size, return_tensors="pt")
         return out["pixel_values"].to(self.device, self.dtype), out["image_grid_thw"].to(self.device)
 
     @torch.inference_mode()
