@@ -21,6 +21,7 @@ def clips(tmp_path_factory):
     c = {
         "h264": V.write_h264(d / "a.mp4", N, FPS, SIZE),
         "faststart": V.write_h264(d / "fs.mp4", N, FPS, SIZE, faststart=True),
+        "bframes": V.write_h264(d / "b.mp4", N, FPS, SIZE, preset="fast", gop=12),  # B-frames, short GOPs
         "mjpeg": V.write_mjpeg(d / "m.avi", N, FPS, SIZE),
         "av1": V.write_av1(d / "av1.mp4", 10, FPS, SIZE),
         "empty": V.write_empty(d / "empty.avi"),
@@ -103,6 +104,31 @@ def test_pyav_and_decord_sample_the_same_frames(clips):
             t, img = (np.concatenate(x) for x in zip(*src.batches()))
         picks[dec] = (np.round(t, 3).tolist(), [V.index_of(x) for x in img])
     assert picks["decord"] == picks["pyav"]
+
+
+@pytest.mark.parametrize("kw", [dict(fps=1), dict(fps=2), dict(fps=8), dict(count=7),
+                                dict(fps=3, start=0.7, end=2.5)])
+def test_pyav_gop_skipping_matches_decord_with_bframes(clips, kw):
+    out = {}
+    for dec in ("decord", "pyav"):
+        with FileSource(clips["bframes"], decoder=dec, **kw) as src:
+            out[dec] = [np.concatenate(x) for x in zip(*src.batches())]
+    assert np.allclose(out["decord"][0], out["pyav"][0], rtol=0, atol=1e-6)
+    assert np.array_equal(out["decord"][1], out["pyav"][1])  # same frames, bit for bit
+
+
+def test_sparse_sampling_decodes_fewer_packets(clips):
+    import av
+    from streamvz.sources.file import _needed_packets
+
+    with av.open(clips["bframes"]) as c:
+        vs = c.streams.video[0]
+        every = [p for p in c.demux(vs) if p.size]
+        c.seek(0, stream=vs)
+        picked = list(_needed_packets(c.demux(vs), np.array([0.0, 1.0, 2.0]), 0.0, vs.time_base))
+    keys = sum(p.is_keyframe for p in every)
+    assert keys > 3 and len(picked) < len(every) // 2  # 3 targets need 3 GOP prefixes at most
+    assert [p.is_keyframe for p in picked].count(True) <= 3
 
 
 async def test_async_file_source_yields_frames_in_order(clips):

@@ -49,6 +49,7 @@ class VideoInfo:
     duration: float | None  # seconds (None if unknown)
     codec: str
     container: str
+    time_base: float | None = None  # seconds per stream timestamp tick
 
 
 # Leading bytes of containers FFmpeg would open; a file that has one but fails to parse is
@@ -110,7 +111,7 @@ def probe(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> VideoInfo:
         if vs.frames == 0 and not duration:
             raise SourceError("empty_video", f"video stream has no frames: {path}", path=path)
         return VideoInfo(path, w, h, fps, int(vs.frames), duration, cc.codec.name,
-                         container.format.name)
+                         container.format.name, float(vs.time_base) if vs.time_base else None)
 
 
 def sample_targets(start: float, end: float, fps: float | None = None,
@@ -148,6 +149,67 @@ class _TargetSampler:
     @property
     def done(self) -> bool:
         return self.k >= len(self.targets)
+
+
+MAX_GOP_PACKETS = 900  # lookahead cap (30 s at 30 fps): past it a GOP is decoded whole
+
+
+def _decode(vs, packets):
+    """Frames in presentation order from the packets given, then the decoder's tail."""
+    for pkt in packets:
+        if pkt.size:
+            yield from vs.decode(pkt)
+    yield from vs.decode(None)
+
+
+def _needed_packets(packets, targets: np.ndarray, t0: float, tb):
+    """Drop the packets that no sampled frame needs, so sparse sampling decodes less.
+
+    Packets are grouped by GOP (keyframe to keyframe, decode order). A frame needs every
+    packet of its GOP before it in decode order (its references) and none after it, so
+    each GOP is cut after the packet of the last frame sampled from it, and a GOP with no
+    sampled frame is skipped whole. At 2 fps from 30 fps video with 1 s GOPs that skips
+    about half the decoding. Open GOPs (leading frames that reference the previous GOP)
+    or packets without timestamps turn the selection off: everything is then decoded.
+    """
+    prev_max = -math.inf  # latest frame time of the GOPs before this one
+    k = 0  # next target not yet covered by an earlier GOP
+    gop: list = []
+    whole = False  # selection off: decode everything
+
+    def flush(gop, complete: bool):
+        nonlocal prev_max, k, whole
+        times = [None if p.pts is None else float(p.pts * tb) - t0 for p in gop]
+        if whole or not complete or not gop[0].is_keyframe or None in times \
+                or min(times) < times[0] - EPS:  # a leading frame before the keyframe: open GOP
+            whole = whole or (complete and gop[0].is_keyframe)
+            if None not in times:
+                prev_max = max(prev_max, max(times))
+            return gop
+        order = np.argsort(times, kind="stable")
+        ts = np.asarray(times)[order]
+        need = -1
+        while k < len(targets) and targets[k] - EPS <= ts[-1]:
+            j = np.searchsorted(ts, targets[k] - EPS, side="left")  # first frame at/after target
+            need = max(need, int(order[j]))
+            k += 1
+        prev_max = max(prev_max, ts[-1])
+        return gop[:need + 1]
+
+    for pkt in packets:
+        if not pkt.size:
+            continue
+        if pkt.is_keyframe and gop:
+            yield from flush(gop, complete=True)
+            gop = []
+            if k >= len(targets):
+                return
+        gop.append(pkt)
+        if len(gop) >= MAX_GOP_PACKETS:  # no keyframe in sight: stop looking ahead
+            yield from flush(gop, complete=False)
+            gop = []
+    if gop:
+        yield from flush(gop, complete=True)
 
 
 class FileSource(ThreadedSource):
@@ -212,6 +274,9 @@ class FileSource(ThreadedSource):
         if n == 0:
             raise SourceError("empty_video", f"video stream has no frames: {self.path}", path=self.path)
         times = vr.get_frame_timestamp(np.arange(n))[:, 0].astype(np.float64)
+        tb = self.info.time_base
+        if tb:  # decord reports float32 seconds: snap back to the stream's tick grid
+            times = np.round(times / tb) * tb
         times -= times.min()
         if np.any(np.diff(times) < 0):  # decord indexes in presentation order; be sure
             raise RuntimeError("decord frame times are not sorted")
@@ -308,12 +373,16 @@ class FileSource(ThreadedSource):
             t0 = float(vs.start_time * tb) if vs.start_time is not None and tb else 0.0
             if start > 0 and tb:
                 c.seek(int((start + t0) / tb), stream=vs, backward=True)
+            packets = c.demux(vs)
+            if targets is not None and tb:
+                packets = _needed_packets(packets, targets, t0, tb)
             n = 0
             try:
-                for fr in c.decode(vs):
+                for fr in _decode(vs, packets):
                     if self.stopping:
                         return
-                    t = float(fr.time) - t0 if fr.time is not None else n / (self.info.fps or 25)
+                    # pts * stream time base: frames drained at the end carry no time_base
+                    t = float(fr.pts * tb) - t0 if fr.pts is not None and tb else n / (self.info.fps or 25)
                     n += 1
                     decoded_to = t
                     if t < start - EPS:

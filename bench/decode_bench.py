@@ -1,0 +1,140 @@
+"""Decode + sample throughput: decord vs PyAV on 720p and 1080p H.264, at 1, 2 and 8 fps.
+
+    .venv/bin/python bench/decode_bench.py                 # 20 s clips in a temp dir
+    .venv/bin/python bench/decode_bench.py --seconds 10 --repeat 1 --keep /tmp/clips
+
+The clips pan across real photos (scikit-image) with a moving object, 30 fps, libx264
+(preset fast, CRF 20, 2 s GOP, B-frames): roughly what phones and cameras record.
+Each run opens the file and reads every sampled frame as uint8 RGB through FileSource,
+i.e. exactly what the pipeline does. Figures: sampled frames per second of wall time, and
+"x real time" = clip duration / wall time. Writes bench/results/decode.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from fractions import Fraction
+
+import av
+import numpy as np
+
+from streamvz.sources import FileSource
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _canvas(w: int, h: int) -> np.ndarray:
+    """A 2x-wide mosaic of real photos to pan across."""
+    from skimage import data
+    from skimage.transform import resize
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    tiles = [(resize(p, (h, w), preserve_range=True, anti_aliasing=True)).astype(np.uint8)
+             for p in photos]
+    return np.concatenate([np.concatenate(tiles[:2], 1), np.concatenate(tiles[2:], 1)], 0)
+
+
+def make_clip(path: str, size: tuple[int, int], seconds: float, fps: int = 30, gop: int = 60) -> str:
+    w, h = size
+    canvas = _canvas(w, h)  # [2h, 2w, 3]
+    n = int(seconds * fps)
+    with av.open(path, "w") as out:
+        st = out.add_stream("libx264", rate=Fraction(fps))
+        st.width, st.height, st.pix_fmt = w, h, "yuv420p"
+        st.options = {"preset": "fast", "crf": "20", "g": str(gop)}
+        for i in range(n):
+            a = i / max(1, n - 1)
+            x = int(a * w) & ~1  # pan right and down across the mosaic
+            y = int(0.5 * (1 - np.cos(2 * np.pi * a)) * h / 2) & ~1
+            img = canvas[y:y + h, x:x + w].copy()
+            bx = int((0.5 + 0.4 * np.sin(i / 15)) * (w - w // 8))
+            img[h // 3:h // 3 + h // 8, bx:bx + w // 8] = (220, 40, 40)  # a moving object
+            fr = av.VideoFrame.from_ndarray(img, format="rgb24")
+            fr.pts = i
+            fr.time_base = Fraction(1, fps)
+            for p in st.encode(fr):
+                out.mux(p)
+        for p in st.encode():
+            out.mux(p)
+    return path
+
+
+def run_once(path: str, decoder: str, fps: float) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    n = 0
+    with FileSource(path, fps=fps, decoder=decoder, batch_size=8) as src:
+        for _, images in src.batches():
+            n += len(images)
+    return time.perf_counter() - t0, n
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--repeat", type=int, default=2, help="runs per cell; the best is reported")
+    p.add_argument("--fps", default="1,2,8")
+    p.add_argument("--sizes", default="1280x720,1920x1080")
+    p.add_argument("--decoders", default="decord,pyav")
+    p.add_argument("--keep", help="directory to write/reuse the clips in (default: a temp dir)")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "decode.json"))
+    a = p.parse_args(argv)
+
+    tmp = None if a.keep else tempfile.TemporaryDirectory(prefix="decode_bench_")
+    clip_dir = a.keep or tmp.name
+    os.makedirs(clip_dir, exist_ok=True)
+    rows = []
+    clips = []
+    for size in a.sizes.split(","):
+        w, h = (int(v) for v in size.split("x"))
+        path = os.path.join(clip_dir, f"pan_{h}p_{a.seconds:g}s.mp4")
+        if not os.path.exists(path):
+            t0 = time.perf_counter()
+            make_clip(path, (w, h), a.seconds)
+            print(f"made {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        mbps = os.path.getsize(path) * 8 / a.seconds / 1e6
+        clips.append({"path": os.path.basename(path), "width": w, "height": h,
+                      "seconds": a.seconds, "fps": 30, "mbit_s": round(mbps, 2)})
+        for fps in (float(f) for f in a.fps.split(",")):
+            for dec in a.decoders.split(","):
+                times = []
+                for _ in range(a.repeat):
+                    dt, n = run_once(path, dec, fps)
+                    times.append(dt)
+                best = min(times)
+                rows.append({"video": f"{h}p", "sample_fps": fps, "decoder": dec, "frames": n,
+                             "seconds_best": round(best, 3),
+                             "seconds_median": round(statistics.median(times), 3),
+                             "frames_per_s": round(n / best, 1),
+                             "x_realtime": round(a.seconds / best, 1)})
+                print(f"{h}p {fps:g} fps {dec:6s} {n:4d} frames {best:6.2f}s "
+                      f"{n / best:7.1f} frames/s {a.seconds / best:6.1f}x real time", file=sys.stderr)
+    result = {
+        "bench": "decode",
+        "command": "python bench/decode_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "av": av.__version__,
+                    "note": "shared 2-core machine; other jobs may have been running"},
+        "clips": clips,
+        "encode": "libx264 preset=fast crf=20 g=60, 30 fps, yuv420p",
+        "results": rows,
+    }
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print("| video | sample fps | decoder | frames | s | frames/s | x real time |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['video']} | {r['sample_fps']:g} | {r['decoder']} | {r['frames']} | "
+              f"{r['seconds_best']:.2f} | {r['frames_per_s']:.1f} | {r['x_realtime']:.1f} |")
+    if tmp:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
