@@ -156,7 +156,7 @@ class MqttServer:
             raise StreamError("bad_json", f"not valid JSON: {str(e)[:120]}") from None
         if default_op and isinstance(obj, dict):
             obj.setdefault("op", default_op)
-            if "id" not in obj:
+            if obj["op"] == default_op and "id" not in obj:
                 self._n += 1
                 obj["id"] = f"m{self._n}"
         return protocol.validate(obj, self.service.limits)
@@ -166,6 +166,8 @@ class MqttServer:
         if op == "open":
             if "session" in msg and msg["session"] != sid:
                 raise StreamError("bad_field", "over MQTT the session id is the topic level", field="session")
+            if "source" in msg:  # checked even on a re-open, so a bad path is never silently ignored
+                self.service.sources.check(msg["source"])
             resumed = sid in self.service.entries
             if resumed:
                 entry = self.service.entries[sid]

@@ -1,0 +1,212 @@
+"""Chat with a streamvz server over MQTT v5 (through a broker): watch a video, ask questions.
+
+    python clients/mqtt_client.py --broker 127.0.0.1 --session cam1 --source clips/lobby.mp4
+    python clients/mqtt_client.py --session desk --video ~/Videos/cat.mp4 --ask "What is on the desk?"
+
+`MqttChat` is the library client: answers come back on this client's own response topic,
+matched to asks by MQTT v5 correlation data, deltas in `seq` order.
+
+    async with MqttChat("127.0.0.1", 1883, session="cam1") as chat:
+        await chat.open(source="lobby.mp4")
+        print(await chat.ask("Anyone at the door?").result())
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import sys
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from streamvz import protocol
+from streamvz.errors import StreamError
+
+
+class MqttAnswer:
+    def __init__(self, chat: "MqttChat", rid: str):
+        self.chat, self.id = chat, rid
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.usage: dict | None = None
+        self.text = ""
+        self.seqs: list[int] = []
+        self._held: dict[int, dict] = {}  # deltas that overtook an earlier one (QoS 0 has no such promise
+        # across reconnects); released in seq order
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> str:
+        while True:
+            expected = len(self.seqs)
+            if expected in self._held:
+                msg = self._held.pop(expected)
+            else:
+                msg = await asyncio.wait_for(self.queue.get(), self.chat.timeout)
+            if msg["op"] == "token":
+                if msg["seq"] != expected:
+                    self._held[msg["seq"]] = msg
+                    continue
+                self.seqs.append(msg["seq"])
+                self.text += msg["text"]
+                return msg["text"]
+            self.chat._answers.pop(self.id, None)
+            if msg["op"] == "done":
+                self.usage = msg["usage"]
+                raise StopAsyncIteration
+            raise StreamError(msg["code"], msg["message"])
+
+    async def cancel(self):
+        await self.chat.control(op="cancel", id=self.id)
+
+    async def result(self) -> str:
+        async for _ in self:
+            pass
+        return self.text
+
+
+class MqttChat:
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883, session: str | None = None,
+                 prefix: str = "streamvz", username: str | None = None, password: str | None = None,
+                 tls=None, timeout: float = 120):
+        self.host, self.port, self.prefix, self.timeout = host, port, prefix, timeout
+        self.session = session or secrets.token_urlsafe(9)
+        self.username, self.password, self.tls = username, password, tls
+        self.me = secrets.token_hex(6)
+        self.reply_topic = f"{prefix}/{self.session}/answers/{self.me}"
+        self.events: asyncio.Queue = asyncio.Queue()
+        self._answers: dict[str, MqttAnswer] = {}
+        self._n = 0
+
+    def topic(self, leaf: str) -> str:
+        return f"{self.prefix}/{self.session}/{leaf}"
+
+    async def __aenter__(self):
+        self.client = aiomqtt.Client(self.host, self.port, username=self.username, password=self.password,
+                                     tls_context=self.tls, protocol=aiomqtt.ProtocolVersion.V5)
+        await self.client.__aenter__()
+        await self.client.subscribe(self.reply_topic, qos=1)
+        await self.client.subscribe(self.topic("events"), qos=1)
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc):
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        await self.client.__aexit__(*exc)
+
+    async def _read(self):
+        async for m in self.client.messages:
+            msg = json.loads(m.payload)
+            corr = getattr(m.properties, "CorrelationData", None) if m.properties else None
+            answer = self._answers.get(corr.decode()) if corr else None
+            (answer.queue if answer else self.events).put_nowait(msg)
+
+    async def _publish(self, leaf: str, payload: bytes, qos: int, correlation: str | None = None,
+                       user: list[tuple[str, str]] | None = None):
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = self.reply_topic if correlation else self.topic(f"events")
+        if correlation:
+            props.CorrelationData = correlation.encode()
+        if user:
+            props.UserProperty = user
+        await self.client.publish(self.topic(leaf), payload, qos=qos, properties=props)
+
+    async def expect(self, *ops: str) -> dict:
+        while True:
+            msg = await asyncio.wait_for(self.events.get(), self.timeout)
+            if msg["op"] == "error":
+                raise StreamError(msg["code"], msg["message"])
+            if msg["op"] in ops:
+                return msg
+
+    async def control(self, **msg):
+        await self._publish("control", json.dumps({"v": protocol.VERSION, **msg}).encode(), 1)
+
+    async def open(self, source: str | None = None, fps: float | None = None, system_prompt: str | None = None):
+        fields = {k: v for k, v in dict(source=source, fps=fps, system_prompt=system_prompt).items() if v is not None}
+        await self.control(op="open", **fields)
+        return await self.expect("opened")
+
+    async def push(self, image, t: float | None = None):
+        user = [("t", repr(float(t)))] if t is not None else None
+        await self._publish("frames", protocol.encode_frame(image), 0, user=user)
+
+    def ask(self, text: str, max_tokens: int = 128, **kw) -> MqttAnswer:
+        self._n += 1
+        rid = f"{self.me}-{self._n}"
+        answer = self._answers[rid] = MqttAnswer(self, rid)
+        body = json.dumps({"v": protocol.VERSION, "op": "ask", "id": rid, "text": text, "max_tokens": max_tokens, **kw})
+        asyncio.ensure_future(self._publish("ask", body.encode(), 1, correlation=rid))
+        return answer
+
+    async def status(self) -> dict:
+        await self.control(op="status")
+        return await self.expect("status")
+
+    async def close(self) -> dict:
+        await self.control(op="close")
+        return await self.expect("closed")
+
+
+async def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Chat about a video with a streamvz server over MQTT v5.")
+    p.add_argument("--broker", default="127.0.0.1", help="broker host")
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--username")
+    p.add_argument("--password")
+    p.add_argument("--session", help="session id (the topic level); default: a new random one")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--source", help="a URL or a file under the server's media root: the SERVER opens it")
+    g.add_argument("--video", help="a local video file: decoded here and published as JPEG frames")
+    p.add_argument("--fps", type=float, default=1.0)
+    p.add_argument("--ask", action="append", default=[], help="ask this and exit (repeatable); else interactive")
+    p.add_argument("--wait", type=float, default=2.0, help="seconds to let frames arrive before --ask questions")
+    p.add_argument("--max-tokens", type=int, default=128)
+    a = p.parse_args(argv)
+    async with MqttChat(a.broker, a.port, a.session, username=a.username, password=a.password) as chat:
+        try:
+            opened = await chat.open(source=a.source, fps=a.fps if a.source else None)
+        except StreamError as e:
+            print(f"error [{e.code}]: {e.message}", file=sys.stderr)
+            return 2
+        print(f"session {opened['session']}", file=sys.stderr)
+        pusher = None
+        if a.video:
+            async def push():
+                from streamvz.sources import open_source
+
+                async with open_source(a.video, fps=a.fps, realtime=True) as src:
+                    async for frame in src:
+                        await chat.push(frame.image, frame.t)
+            pusher = asyncio.create_task(push())
+        if a.ask:
+            await asyncio.sleep(a.wait)
+            questions = a.ask
+        else:
+            print("type a question (empty line to quit)", file=sys.stderr)
+            loop = asyncio.get_running_loop()
+            questions = iter(lambda: loop.run_in_executor(None, sys.stdin.readline), None)
+        for q in questions:
+            if not isinstance(q, str):
+                q = (await q).strip()
+                if not q:
+                    break
+            answer = chat.ask(q, max_tokens=a.max_tokens)
+            print(f"Q: {q}\nA: ", end="", flush=True)
+            try:
+                async for delta in answer:
+                    print(delta, end="", flush=True)
+                print(flush=True)
+            except StreamError as e:
+                print(f"\nerror [{e.code}]: {e.message}", flush=True)
+        if pusher:
+            pusher.cancel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
