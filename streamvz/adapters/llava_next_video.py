@@ -12,6 +12,8 @@ torchvision, which streamvz does not need.
 """
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoTokenizer, LlavaNextVideoForConditionalGeneration
@@ -20,6 +22,23 @@ from ..visionzip import VisionZip, split
 from .base import Adapter, ChatFormat
 from .frames import as_frame_list
 from .llava import DEFAULT_SYSTEM, LLAVA_CHAT, pick_device, pick_dtype
+
+
+def _video_normalisation(model: str, image_processor) -> tuple[list, list, float]:
+    """(mean, std, rescale) of the checkpoint's video processor, read from its JSON (building
+    the video processor itself would need torchvision); the image processor's otherwise."""
+    from transformers.utils import cached_file
+
+    mean, std = image_processor.image_mean, image_processor.image_std
+    rescale = getattr(image_processor, "rescale_factor", 1 / 255)
+    path = cached_file(model, "video_preprocessor_config.json", _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+    if path:
+        with open(path) as f:
+            cfg = json.load(f)
+        mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
+        rescale = cfg.get("rescale_factor", rescale)
+    return list(mean), list(std), float(rescale)
 
 
 class FrameAdapter(Adapter):
@@ -36,6 +55,7 @@ class FrameAdapter(Adapter):
         self.model = self.model_class.from_pretrained(model, dtype=self.dtype, **load_kwargs).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.image_processor = AutoImageProcessor.from_pretrained(model)
+        self.norm = _video_normalisation(model, self.image_processor)
         cfg = self.model.config
         self.budget = tokens_per_frame
         self.vz = None
@@ -51,10 +71,10 @@ class FrameAdapter(Adapter):
 
     # -- preprocessing: uint8 frames -> normalised [T, 3, S, S] on the device -------------------
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        ip = self.image_processor
-        mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, 3, 1, 1)
-        return ((x * ip.rescale_factor - mean) / std).to(self.device, self.dtype)
+        mean, std, rescale = self.norm
+        mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        return ((x * rescale - mean) / std).to(self.device, self.dtype)
 
     @staticmethod
     def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
