@@ -7,10 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
-from streamvz.adapters import load_adapter
 from streamvz.dropin import SUPPORTED, remove_visionzip, visionzip
 from streamvz.engine import Engine
-from test_families import SYSTEM, Q1, conversation_ids, feed, frames
+from test_families import Q1, SYSTEM, conversation_ids, cpu_adapter, feed, frames
 from tiny_families import checkpoint, load_processor
 
 FAMILIES = ["llava_next_video", "llava_onevision", "qwen2_5_vl"]
@@ -29,7 +28,7 @@ async def test_dropin_generate_equals_streamed_session(family):
     """generate() on the drop-in model answers exactly what a streamed session with the adapter
     answers: same compressed features, same positions (Qwen: the kept tokens' M-RoPE ids)."""
     path = checkpoint(family)
-    ad = load_adapter(path, tokens_per_frame=BUDGET)
+    ad = cpu_adapter(path, BUDGET)
     engine = Engine(ad)
     s = engine.session(system_prompt=SYSTEM)
     imgs = frames(2, seed=7)
@@ -74,7 +73,7 @@ def test_llava_processor_and_generate(tiny_llava):
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16 < n_full
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
 
-    ad = load_adapter(tiny_llava, tokens_per_frame=16)  # the adapter path: 14 + 2
+    ad = cpu_adapter(tiny_llava, 16)  # the adapter path: 14 + 2
     emb = ad.embed(inputs["input_ids"])
     emb[inputs["input_ids"] == model.config.image_token_id] = ad.encode_frames(img[None])[0]
     ref = ad.model.generate(inputs_embeds=emb, attention_mask=inputs["attention_mask"], max_new_tokens=5,

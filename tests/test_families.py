@@ -14,6 +14,12 @@ SYSTEM = "You are a helpful assistant."
 Q1, Q2 = "What is in the video?", "Did anyone enter through the back door?"
 
 
+def cpu_adapter(path, tokens_per_frame):
+    """Through the registry as users load models; on the CPU in fp32 so the references compare
+    exactly (the engine's own default picks CUDA + bf16 where there is a GPU)."""
+    return load_adapter(path, tokens_per_frame=tokens_per_frame, device="cpu", dtype=torch.float32)
+
+
 def frames(n, seed=0, h=112, w=112):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
@@ -50,7 +56,7 @@ def conversation_ids(engine, n_frames, frame_ids, turns):
 @pytest.mark.parametrize("family", FAMILIES)
 async def test_uncompressed_stream_equals_generate(family):
     """Compression off: a two-turn streamed session gives exactly the model's own greedy output."""
-    engine = Engine(checkpoint(family), tokens_per_frame=None)
+    engine = Engine(cpu_adapter(checkpoint(family), None))
     ad = engine.adapter
     assert type(ad.model).__name__ == ad.model_class.__name__
     s = engine.session(system_prompt=SYSTEM)
@@ -79,7 +85,7 @@ async def test_uncompressed_stream_equals_generate(family):
     ("qwen2_5_vl", 12, 12),  # of 16 merged tokens
 ])
 def test_visionzip_budget_per_frame(family, budget, rows):
-    ad = load_adapter(checkpoint(family), tokens_per_frame=budget)
+    ad = cpu_adapter(checkpoint(family), budget)
     assert ad.tokens_per_frame == (rows if family != "qwen2_5_vl" else budget)
     embeds = ad.encode_frames(np.stack(frames(3, seed=2)))
     assert embeds.shape == (3, rows, ad.model.config.get_text_config().hidden_size)
@@ -96,15 +102,15 @@ def test_visionzip_budget_per_frame(family, budget, rows):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_budget_larger_than_the_frame_is_refused(family):
     with pytest.raises(ValueError, match="exceeds"):
-        ad = load_adapter(checkpoint(family), tokens_per_frame=80)
+        ad = cpu_adapter(checkpoint(family), 80)
         ad.encode_frames(frames(1)[0])  # Qwen's token count depends on the frame size
 
 
 def test_qwen_kept_tokens_keep_their_positions():
     """Dominant tokens are the model's own merged tokens with their own (t, h, w) M-RoPE ids."""
     path = checkpoint("qwen2_5_vl")
-    full = load_adapter(path, tokens_per_frame=None)
-    ad = load_adapter(path, tokens_per_frame=8)
+    full = cpu_adapter(path, None)
+    ad = cpu_adapter(path, 8)
     imgs = frames(2, seed=3, h=112, w=168)  # not square: rows and columns differ
     emb_full, off_full = full.encode_frames_positioned(imgs)
     emb, off = ad.encode_frames_positioned(imgs)
@@ -134,7 +140,7 @@ async def test_compressed_session_evicts_and_rerotates(family):
     at contiguous positions: the first layer's keys (which depend only on the token and its
     position) equal those of a session that only ever saw the frames left in the window. For
     Qwen that checks the re-rotation in all three M-RoPE axes."""
-    ad = load_adapter(checkpoint(family), tokens_per_frame=12)
+    ad = cpu_adapter(checkpoint(family), 12)
     rolling = Engine(ad, window_frames=2)
     s = rolling.session(system_prompt=SYSTEM)
     imgs = frames(3, seed=4)
