@@ -148,13 +148,14 @@ def _qwen(inner, processor, vz: VisionZip, patch: _Patch) -> None:
                        second_per_grid_ts=None, attention_mask=None, pixel_values=None, **_kw):
         """The model's 3-D positions with each image replaced by its kept tokens' own (t, h, w)
         offsets; an image then spans max(offset) + 1 positions (as in streamvz's engine)."""
+        offsets = []
         if pixel_values is not None:
             offsets = zipped(pixel_values, image_grid_thw).offsets
         elif image_grid_thw is not None:
             if "z" not in memo:
                 raise RuntimeError("get_rope_index needs pixel_values before the images are encoded")
             offsets = memo["z"].offsets
-        images = iter(offsets or [])
+        images = iter(offsets)
         videos = iter(video_grid_thw if video_grid_thw is not None else [])
         seconds = iter(second_per_grid_ts if second_per_grid_ts is not None else itertools.repeat(1))
         merge = inner.config.vision_config.spatial_merge_size

@@ -145,3 +145,19 @@ def test_unsupported_class_is_refused(tiny_llava):
     with pytest.raises(ValueError, match="exceeds"):  # a budget over the tower's 37 tokens, at setup
         visionzip(model, None, dominant=40, contextual=2)
     assert "get_image_features" not in vars(model.model)  # nothing left half set up
+
+
+def test_qwen_rope_index_leaves_videos_and_text_as_the_model_has_them():
+    """Videos are not compressed by the drop-in: their 3-D positions (and the text around them)
+    are exactly the model's own."""
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint("qwen2_5_vl")).eval()
+    cfg = model.config
+    n = 2 * 4 * 4  # a (2, 8, 8) patch grid -> 2 x 4 x 4 merged tokens
+    ids = torch.tensor([[5, 6, cfg.vision_start_token_id] + [cfg.video_token_id] * n + [cfg.vision_end_token_id, 7]])
+    types = (ids == cfg.video_token_id).int() * 2
+    grid = torch.tensor([[2, 8, 8]])
+    ref = model.model.get_rope_index(ids, types, video_grid_thw=grid, second_per_grid_ts=torch.tensor([1.0]))
+    visionzip(model, None, dominant=7, contextual=1)
+    got = model.model.get_rope_index(ids, types, video_grid_thw=grid, second_per_grid_ts=torch.tensor([1.0]))
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])
