@@ -1,11 +1,12 @@
 """Tiny random checkpoints of the video families streamvz supports beyond LLaVA-1.5.
 
-Each builder makes a config of the real class (a few layers, tiny widths), a random model,
-a processor with a tokenizer trained here (no hub), saves both with `save_pretrained` and
-returns the directory, so tests load them back with `from_pretrained` as users would.
+Each builder makes a config of the real class (a few layers, tiny widths), a random model and
+the tokenizer of tests/tiny_models.py (trained here, no hub) with the family's special tokens
+and chat template, saves them with `save_pretrained` and returns the directory, so tests load
+them back with `from_pretrained` as users would.
 
-Shapes are chosen so VisionZip has room to work: every vision tower sees 8x8 = 64 patches
-per frame (112 px, patch 14), the same grid the real models have at 24x24 / 27x27.
+Every vision tower sees 8x8 = 64 patches per 112 px frame (patch 14): room for VisionZip to
+choose, as on the real 24x24 / 27x27 / 16x16-merged grids.
 """
 from __future__ import annotations
 

@@ -13,10 +13,9 @@ one ViT call, so batches of frames cost one forward pass.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_window_index
@@ -140,10 +139,8 @@ def qwen_visionzip(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw
 
 class Qwen2_5_VLAdapter(Adapter):
     model_class = Qwen2_5_VLForConditionalGeneration
-    chat = CHATML.__class__(
-        system=CHATML.system, user=CHATML.user, end_of_turn=CHATML.end_of_turn,
-        frame_prefix="{:.1f}s:<|vision_start|>", frame_suffix="<|vision_end|>\n",
-    )
+    # each frame's tokens sit between Qwen's own vision markers, as an image in its chat template
+    chat = replace(CHATML, frame_prefix="{:.1f}s:<|vision_start|>", frame_suffix="<|vision_end|>\n")
     default_system = "You are a helpful assistant."
     rope_dims = 3
 
