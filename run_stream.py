@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+"""streamvz command line: serve, analyze, live, demo.
+
+    python run_stream.py demo                                  # server + sample clip + a client asking
+    python run_stream.py serve --transport both --media-root ./videos
+    python run_stream.py analyze talk.mp4 -q "What is on the slide?" --summary-every 30 --out report
+    python run_stream.py live rtsp://cam/door --watch "Is the door open?" --every 10
+
+Every command takes the engine options (--model, --device, --tokens-per-frame, --window).
+`python run_stream.py COMMAND --help` explains each option.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+
+from streamvz.errors import StreamError
+
+try:  # uvloop when installed: a faster event loop for many sockets; asyncio otherwise
+    import uvloop
+
+    _run = uvloop.run
+except ImportError:  # pragma: no cover
+    _run = asyncio.run
+
+
+def engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default="streamvz-tiny",
+                   help="a checkpoint directory or Hugging Face id (llava-hf/llava-1.5-7b-hf, ...); "
+                        "default: the embedded streamvz-tiny (installed by `make weights`)")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="model dtype")
+    g.add_argument("--tokens-per-frame", type=int, default=64,
+                   help="VisionZip tokens kept per frame (64 = 54 dominant + 10 contextual)")
+    g.add_argument("--window", type=int, default=None,
+                   help="frames kept in each session's KV cache (default: as many as the context holds)")
+    g.add_argument("--max-sessions", type=int, default=16, help="sessions the engine holds at once")
+
+
+def make_engine(a):
+    import torch
+
+    from streamvz.engine import Engine
+
+    dtype = getattr(torch, a.dtype) if a.dtype else None
+    return Engine(model=a.model, device=a.device, dtype=dtype, tokens_per_frame=a.tokens_per_frame,
+                  window_frames=a.window, max_sessions=a.max_sessions)
+
+
+# --- serve ---------------------------------------------------------------------------------
+
+async def cmd_serve(a) -> int:
+    from pipelines.ws_chat import ServeConfig, serve
+    from streamvz.protocol import Limits
+
+    limits = Limits(max_sessions=a.max_sessions, max_sessions_per_client=a.sessions_per_client,
+                    max_push_fps=a.max_push_fps, max_question_chars=a.max_question_chars)
+    cfg = ServeConfig(transport=a.transport, host=a.host, port=a.port, broker=a.broker, broker_port=a.broker_port,
+                      mqtt_user=a.mqtt_user, mqtt_password=a.mqtt_password or os.environ.get("STREAMVZ_MQTT_PASSWORD"),
+                      mqtt_ca=a.mqtt_ca, media_roots=a.media_root, token=a.token or os.environ.get("STREAMVZ_TOKEN"),
+                      origins=a.origin, grace_s=a.grace, limits=limits)
+    async with make_engine(a) as engine:
+        ready = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(serve(engine, cfg, ready))
+        port = await ready
+        if port is not None:
+            print(f"streamvz: web page http://{a.host}:{port}/  websocket ws://{a.host}:{port}/ws", flush=True)
+        if a.transport in ("mqtt", "both"):
+            print(f"streamvz: MQTT via {a.broker}:{a.broker_port}, topics streamvz/<session>/...", flush=True)
+        await task
+    return 0
+
+
+# --- analyze -------------------------------------------------------------------------------
+
+async def cmd_analyze(a) -> int:
+    from pipelines.analyze import analyze, to_markdown
+    from streamvz.sources import probe
+
+    probe(a.video)  # bad input fails here, in a second, not after loading the model
+    if not a.question and not a.summary_every:
+        a.summary_every = 30.0
+    async with make_engine(a) as engine:
+        report = await analyze(engine, a.video, a.question, a.summary_every, a.fps, a.max_tokens,
+                               progress=not a.quiet, out=a.out)
+    if a.out:
+        print(f"wrote {a.out}.json and {a.out}.md", file=sys.stderr)
+    else:
+        print(to_markdown(report))
+    return 0
+
+
+# --- live ----------------------------------------------------------------------------------
+
+async def cmd_live(a) -> int:
+    from pipelines.live_qa import LiveQA
+
+    async with make_engine(a) as engine:
+        live = LiveQA(engine, a.source, a.watch, every=a.every, fps=a.fps, realtime=a.realtime,
+                      on_alert=lambda alert: print(json.dumps(alert), flush=True))
+        run = asyncio.create_task(live.run())
+        loop = asyncio.get_running_loop()
+
+        async def questions():
+            while True:
+                line = await loop.run_in_executor(None, sys.stdin.readline)
+                if not line:
+                    return
+                if line.strip():
+                    print(json.dumps({"question": line.strip(), "answer": await live.ask(line.strip())}), flush=True)
+
+        asking = asyncio.create_task(questions()) if not a.no_stdin else None
+        await run
+        if asking:
+            asking.cancel()
+    return 0
+
+
+# --- demo ----------------------------------------------------------------------------------
+
+async def cmd_demo(a) -> int:
+    """Start a server on a free port, generate a sample clip, stream it, ask, print the answers."""
+    from clients.ws_chat import WsChat
+    from pipelines.sample import write_sample
+    from pipelines.ws_chat import ServeConfig, serve
+
+    media = tempfile.mkdtemp(prefix="streamvz-demo-")
+    clip = a.video or os.path.join(media, "sample.mp4")
+    questions = a.ask
+    if not a.video:
+        generated = write_sample(clip, seconds=a.seconds, fps=4)
+        questions = questions or generated
+    questions = questions or ["What is in the video?"]
+    print(f"demo: clip {clip}; loading {a.model} ...", flush=True)
+    t0 = time.perf_counter()
+    async with make_engine(a) as engine:
+        print(f"demo: model ready in {time.perf_counter() - t0:.1f}s", flush=True)
+        cfg = ServeConfig(port=0, media_roots=[os.path.dirname(os.path.abspath(clip))])
+        ready = asyncio.get_running_loop().create_future()
+        stop = asyncio.Event()
+        server = asyncio.create_task(serve(engine, cfg, ready, stop))
+        port = await ready
+        print(f"demo: server on ws://127.0.0.1:{port}/ws (web page http://127.0.0.1:{port}/)", flush=True)
+        try:
+            async with WsChat(f"ws://127.0.0.1:{port}/ws") as chat:
+                opened = await chat.open(source=os.path.basename(clip), fps=a.fps)
+                print(f"demo: session {opened['session']} watching {os.path.basename(clip)} at {a.fps:g} fps "
+                      "(played in real time)", flush=True)
+                interval = a.seconds / (len(questions) + 1)
+                for q in questions:
+                    await asyncio.sleep(interval)  # ask while the clip streams
+                    st = await chat.status()
+                    print(f"\n[{st['frames_seen']} frames seen, {st['frames_in_window']} in window, "
+                          f"{st['cache_tokens']} cache tokens]\nQ: {q}\nA: ", end="", flush=True)
+                    answer = chat.ask(q, max_tokens=a.max_tokens)
+                    async for delta in answer:
+                        print(delta, end="", flush=True)
+                    u = answer.usage
+                    print(f"\n   ({u['completion_tokens']} tokens, first after {u['ttft_s'] or 0:.2f}s, "
+                          f"{u['tokens_per_s'] or 0:.1f} tok/s, {u['finish_reason']})", flush=True)
+                await chat.close()
+        finally:
+            stop.set()
+            await server
+    print("\ndemo: done", flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_stream.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="log what the server does")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the server: websocket (+ web page) and/or MQTT",
+                       description="Serve streamvz over a websocket (web page at /) and/or MQTT v5. "
+                                   "Protocol: docs/protocol.md.")
+    engine_args(s)
+    s.add_argument("--transport", choices=["ws", "mqtt", "both"], default="ws", help="which transports to run")
+    s.add_argument("--host", default="127.0.0.1", help="websocket bind address (0.0.0.0 for all)")
+    s.add_argument("--port", type=int, default=8765, help="websocket/HTTP port")
+    s.add_argument("--broker", default="127.0.0.1", help="MQTT broker host")
+    s.add_argument("--broker-port", type=int, default=1883, help="MQTT broker port")
+    s.add_argument("--mqtt-user", help="MQTT username")
+    s.add_argument("--mqtt-password", help="MQTT password (or env STREAMVZ_MQTT_PASSWORD)")
+    s.add_argument("--mqtt-ca", help="CA certificate file: connect to the broker over TLS")
+    s.add_argument("--media-root", action="append", default=[],
+                   help="directory whose videos clients may open by relative name (repeatable); none: no files")
+    s.add_argument("--token", help="require this bearer token from websocket clients (or env STREAMVZ_TOKEN)")
+    s.add_argument("--origin", action="append", help="allowed Origin header for websocket clients (repeatable)")
+    s.add_argument("--grace", type=float, default=30.0, help="seconds a disconnected client's session is kept")
+    s.add_argument("--sessions-per-client", type=int, default=4, help="sessions one client address may hold")
+    s.add_argument("--max-push-fps", type=float, default=30.0, help="frames/s a client may push to a session")
+    s.add_argument("--max-question-chars", type=int, default=2000, help="longest question accepted")
+
+    an = sub.add_parser("analyze", help="analyse a video file: answers and a timestamped summary (JSON + Markdown)",
+                        description="Walk VIDEO at --fps, write a timeline summary every --summary-every seconds "
+                                    "and answer the --question(s). Exits 2 on bad input.")
+    engine_args(an)
+    an.add_argument("video", help="video file")
+    an.add_argument("-q", "--question", action="append", default=[], help="a question to answer (repeatable)")
+    an.add_argument("--summary-every", type=float, default=None,
+                    help="seconds of video between timeline entries (default 30 when no question is given)")
+    an.add_argument("--fps", type=float, default=1.0, help="frames per second sampled from the video")
+    an.add_argument("--max-tokens", type=int, default=64, help="longest answer")
+    an.add_argument("--out", help="write OUT.json and OUT.md (default: print Markdown)")
+    an.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    lv = sub.add_parser("live", help="live camera Q&A: standing questions alert on changed answers",
+                        description="Read SOURCE (rtsp/http URL, /dev/video0, or a file with --realtime); ask the "
+                                    "--watch questions every --every seconds and print an alert (JSON line) when an "
+                                    "answer changes. Lines typed on stdin are ad-hoc questions.")
+    engine_args(lv)
+    lv.add_argument("source", help="URL, capture device or file")
+    lv.add_argument("--watch", action="append", default=[], help="a standing question (repeatable)")
+    lv.add_argument("--every", type=float, default=10.0, help="seconds of video between standing checks")
+    lv.add_argument("--fps", type=float, default=1.0, help="frames per second sampled")
+    lv.add_argument("--realtime", action="store_true", help="play a file at its own pace, as if live")
+    lv.add_argument("--no-stdin", action="store_true", help="do not read ad-hoc questions from stdin")
+
+    d = sub.add_parser("demo", help="start a server, stream a generated sample clip, ask questions, print answers",
+                       description="The end-to-end demo on the embedded model: a server on a free port, a generated "
+                                   "sample clip played in real time, a websocket client asking questions while it "
+                                   "plays and printing the streamed answers.")
+    engine_args(d)
+    d.add_argument("--video", help="use this video instead of the generated sample")
+    d.add_argument("--ask", action="append", default=[], help="a question (repeatable; default: about the sample)")
+    d.add_argument("--seconds", type=float, default=8.0, help="length of the generated sample clip")
+    d.add_argument("--fps", type=float, default=2.0, help="frames per second streamed")
+    d.add_argument("--max-tokens", type=int, default=24, help="longest answer")
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    commands = {"serve": cmd_serve, "analyze": cmd_analyze, "live": cmd_live, "demo": cmd_demo}
+    try:
+        return _run(commands[a.cmd](a))
+    except StreamError as e:
+        print(f"error [{e.code}]: {e.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
