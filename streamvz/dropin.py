@@ -18,9 +18,9 @@ language model run as usual.
 Supported (what is compressed):
   LlavaForConditionalGeneration            images (CLIP: CLS + top patches)
   LlavaNextVideoForConditionalGeneration   videos, per frame (replaces the 2x2 pooling);
-                                           images (anyres crops) pass through unchanged
+                                           images: each anyres crop, + one newline row per image
   LlavaOnevisionForConditionalGeneration   videos, per frame, + the model's newline row per video;
-                                           images (anyres crops) pass through unchanged
+                                           images: each anyres crop, + one newline row per image
   Qwen2_5_VLForConditionalGeneration       images (each its own (1, h, w) grid); videos pass
                                            through unchanged
 """
@@ -126,6 +126,46 @@ def _video_llava(inner, processor, vz: VisionZip, patch: _Patch, newline: bool) 
               processor.video_token * (_num_frames(video_inputs, video_idx) * vz.tokens + int(newline)))
 
 
+def _anyres_images(inner, processor, vz: VisionZip, patch: _Patch, multi_image_rule: bool) -> None:
+    """LLaVA-NeXT-style images (a base view + high-res crops): every crop -> VisionZip, the crops
+    of an image in order, then the model's newline row once per image. The spatial unpadding and
+    per-row newlines of the original layout have no meaning for selected tokens, so they go.
+    `multi_image_rule`: OneVision's convention that images in a multi-image prompt get no crops."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    pinpoints = inner.config.image_grid_pinpoints
+    side = inner.config.vision_config.image_size
+
+    def crops(size, patching: bool) -> int:
+        size = size.tolist() if hasattr(size, "tolist") else list(size)
+        return image_size_to_num_patches(size, pinpoints, side) if patching else 1
+
+    def patching_flags(n_images, batch_num_images):
+        if not multi_image_rule or batch_num_images is None:
+            return [True] * n_images
+        return [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+
+    def get_image_features(pixel_values, image_sizes, vision_feature_layer=None, vision_feature_select_strategy=None,
+                           batch_num_images=None, **_kw):
+        counts = [crops(s, p) for s, p in zip(image_sizes, patching_flags(len(image_sizes), batch_num_images))]
+        if pixel_values.dim() == 5:  # padded [images, max_crops, 3, S, S]
+            pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, counts)])
+        z = vz.compress(inner.vision_tower, pixel_values, _feature_layer(inner.config, vision_feature_layer))
+        feats = inner.multi_modal_projector(z.tokens.clone())  # [all crops, k, D]
+        newline = inner.image_newline.to(feats.dtype)[None]
+        per_image = [torch.cat([f.flatten(0, 1), newline]) for f in torch.split(feats, counts)]
+        return BaseModelOutputWithPooling(pooler_output=per_image)
+
+    def replace_image_token(image_inputs, image_idx, **_kw):
+        nums = image_inputs.get("batch_num_images")
+        flags = patching_flags(len(image_inputs["image_sizes"]), nums)
+        n = crops(image_inputs["image_sizes"][image_idx], flags[image_idx])
+        return processor.image_token * (n * vz.tokens + 1)
+
+    patch.put(inner, "get_image_features", get_image_features)
+    patch.put(processor, "replace_image_token", replace_image_token)
+
+
 # -- Qwen2.5-VL ------------------------------------------------------------------------------
 
 
@@ -213,8 +253,10 @@ def visionzip(model, processor=None, dominant: int = 54, contextual: int = 10, m
             _llava(inner, processor, vz, patch)
         elif family == "LlavaNextVideoForConditionalGeneration":
             _video_llava(inner, processor, vz, patch, newline=False)
+            _anyres_images(inner, processor, vz, patch, multi_image_rule=False)
         elif family == "LlavaOnevisionForConditionalGeneration":
             _video_llava(inner, processor, vz, patch, newline=True)
+            _anyres_images(inner, processor, vz, patch, multi_image_rule=True)
         else:
             _qwen(inner, processor, vz, patch)
     except Exception:

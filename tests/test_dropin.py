@@ -161,3 +161,50 @@ def test_qwen_rope_index_leaves_videos_and_text_as_the_model_has_them():
     got = model.model.get_rope_index(ids, types, video_grid_thw=grid, second_per_grid_ts=torch.tensor([1.0]))
     torch.testing.assert_close(got[0], ref[0])
     torch.testing.assert_close(got[1], ref[1])
+
+
+@pytest.mark.parametrize("family", ["llava_next_video", "llava_onevision"])
+def test_anyres_images_compress_every_crop(family):
+    """LLaVA-NeXT-style images: processor and model agree on crops x budget + 1 newline rows; the
+    rows are VisionZip of each crop; generate runs; removal restores the original output."""
+    from streamvz.visionzip import VisionZip
+
+    path = checkpoint(family)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = load_processor(path)
+    img = frames(1, seed=11, h=100, w=200)[0]  # wide: the base view + 2 crops (224x112 grid)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": Q1}]}], add_generation_prompt=True)
+    full = processor(images=[img], text=text, return_tensors="pt")
+    base = model.generate(**full, max_new_tokens=4, do_sample=False)
+
+    visionzip(model, processor, dominant=10, contextual=2)
+    inputs = processor(images=[img], text=text, return_tensors="pt")
+    n_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert n_tokens == 3 * 12 + 1
+    feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    assert [f.shape[0] for f in feats] == [n_tokens]
+    z = VisionZip(10, 2).compress(model.model.vision_tower, inputs["pixel_values"][0, :3],
+                                  model.config.vision_feature_layer)
+    torch.testing.assert_close(feats[0][:-1], model.model.multi_modal_projector(z.tokens.clone()).flatten(0, 1))
+    torch.testing.assert_close(feats[0][-1], model.model.image_newline)
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+
+    remove_visionzip(model, processor)
+    again = processor(images=[img], text=text, return_tensors="pt")
+    assert model.generate(**again, max_new_tokens=4, do_sample=False).tolist() == base.tolist()
+
+
+def test_onevision_multi_image_prompt_uses_one_view_per_image():
+    path = checkpoint("llava_onevision")
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = load_processor(path)
+    visionzip(model, processor, dominant=10, contextual=2)
+    imgs = frames(2, seed=12, h=100, w=200)
+    text = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "image"}, {"type": "text", "text": Q1}]}], add_generation_prompt=True)
+    inputs = processor(images=[imgs], text=text, return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 2 * (12 + 1)
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
