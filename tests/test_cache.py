@@ -155,3 +155,49 @@ def test_context_full(llama):
     with pytest.raises(StreamError) as e:
         cache.grow(2)
     assert e.value.code == "context_full"
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_mrope_uniform_shift(layers):
+    """Qwen2.5-VL's M-RoPE: a frame's tokens carry (t, h, w) positions; evicting moves every kept
+    block by the same d in all three components, which the 1-D re-rotation reproduces exactly."""
+    from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    torch.manual_seed(0)
+    cfg = Qwen2_5_VLTextConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                "mrope_section": [2, 3, 3]})
+    model = Qwen2_5_VLTextModel(cfg).eval()
+    inv_freq = model.rotary_emb.inv_freq
+    # a 2x3 grid frame: t stays, h in {0, 1}, w in {0, 1, 2}; it spans 3 positions
+    grid = torch.tensor([[0] * 6, [0, 0, 0, 1, 1, 1], [0, 1, 2, 0, 1, 2]])
+    g = torch.Generator().manual_seed(5)
+    blocks = [("system", torch.randn(3, 64, generator=g), None)]
+    blocks += [("frame", torch.randn(6, 64, generator=g), grid) for _ in range(3)]
+    blocks.insert(2, ("turn", torch.randn(4, 64, generator=g), None))
+
+    def run(cache, embeds, start, off):
+        n = len(embeds)
+        pos = (torch.arange(start, start + n).expand(3, n) if off is None else start + off)[:, None, :]
+        with torch.inference_mode():
+            return model(inputs_embeds=embeds[None], past_key_values=cache, position_ids=pos,
+                         use_cache=True).last_hidden_state[0]
+
+    cache = RollingCache(cfg, inv_freq, budget_tokens=100, max_frames=2)
+    for kind, e, off in blocks:
+        start = cache.append(kind, len(e), None if off is None else int(off.max()) + 1)
+        out = run(cache, e, start, off)
+    assert cache.evicted_frames == 1 and [b.kind for b in cache.blocks] == ["system", "turn", "frame", "frame"]
+    kept = [blocks[0], blocks[2], blocks[3], blocks[4]]
+    fresh = RollingCache(cfg, inv_freq, budget_tokens=100)
+    start = 0
+    for kind, e, off in kept:
+        s = fresh.append(kind, len(e), None if off is None else int(off.max()) + 1)
+        assert s == start
+        ref = run(fresh, e, s, off)
+        start = fresh.next_position
+    assert cache.next_position == fresh.next_position == 3 + 4 + 3 + 3
+    torch.testing.assert_close(cache.layers[0].keys, fresh.layers[0].keys, atol=1e-5, rtol=1e-4)
+    if layers == 1:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
