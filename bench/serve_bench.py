@@ -1,0 +1,178 @@
+"""Transport overhead: websocket and MQTT vs calling the engine directly, 8 concurrent sessions.
+
+One server (engine + websocket + MQTT through a local mosquitto) runs on its own thread and
+event loop, as in production. Each round, for each mode, 8 sessions get the same 2 JPEG
+frames and then all ask the same question at once (greedy, so every mode generates the same
+tokens); we time from the asks to the last `done`, as the client sees it:
+
+  direct  `session.ask` on the server's loop (no transport: the baseline)
+  ws      8 websocket clients (clients/ws_chat.py) in this process
+  mqtt    8 MQTT v5 clients (clients/mqtt_client.py) through mosquitto
+
+overhead per token = (wall(mode) - wall(direct)) / tokens generated, best of `--rounds`
+interleaved rounds. The clients share this machine's cores with the server, so on a small
+machine the figure includes the clients' own cost (an upper bound on the server's).
+
+    python bench/serve_bench.py                       # tiny random LLaVA (transport cost dominates)
+    python bench/serve_bench.py --model streamvz-tiny --tokens 32
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, os.path.join(HERE, ".."))
+from common import machine, machine_name, table, write_json  # noqa: E402
+
+from clients.mqtt_client import MqttChat  # noqa: E402
+from clients.ws_chat import WsChat  # noqa: E402
+from fixtures_serve import MOSQUITTO, Broker, ServerThread  # noqa: E402
+from streamvz import protocol  # noqa: E402
+from streamvz.protocol import Limits  # noqa: E402
+from videos import pattern_frame  # noqa: E402
+
+QUESTION = "What is in the video?"
+
+
+def frames() -> list[tuple[bytes, float]]:
+    return [(protocol.encode_frame(pattern_frame(i, (224, 224))), float(i)) for i in range(2)]
+
+
+async def consume(answer, t0: float) -> tuple[float, int]:
+    first, n = None, 0
+    async for _ in answer:
+        if first is None:
+            first = time.perf_counter() - t0
+        n += 1
+    return first, answer.usage["completion_tokens"]
+
+
+def direct_round(server: ServerThread, n_sessions: int, tokens: int) -> dict:
+    async def run():
+        engine = server.service.engine
+        sessions = [engine.session() for _ in range(n_sessions)]
+        for s in sessions:
+            for data, t in frames():  # the same decoded JPEGs the transports deliver
+                await s.add_frame(protocol.parse_frame(data).image, t=t)
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(consume(s.ask(QUESTION, max_new_tokens=tokens), t0) for s in sessions))
+        wall = time.perf_counter() - t0
+        await asyncio.gather(*(s.close() for s in sessions))
+        return wall, results
+
+    wall, results = server.call(run, timeout=600)
+    return _row("direct", wall, results)
+
+
+async def ws_round(server: ServerThread, n_sessions: int, tokens: int) -> dict:
+    chats = [WsChat(server.url) for _ in range(n_sessions)]
+    for c in chats:
+        await c.__aenter__()
+        await c.open()
+        for data, t in frames():
+            await c.ws.send(_with_t(data, t))
+    await _settled(chats)
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(consume(c.ask(QUESTION, max_tokens=tokens), t0) for c in chats))
+    wall = time.perf_counter() - t0
+    for c in chats:
+        await c.close()
+        await c.__aexit__(None, None, None)
+    return _row("ws", wall, results)
+
+
+async def mqtt_round(server: ServerThread, broker: Broker, n_sessions: int, tokens: int, k: int) -> dict:
+    chats = [MqttChat("127.0.0.1", broker.port, session=f"bench{k}-{i}") for i in range(n_sessions)]
+    for c in chats:
+        await c.__aenter__()
+        await c.open()
+        for data, t in frames():
+            await c._publish("frames", data, 0, user=[("t", repr(t))])
+    await _settled(chats)
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(consume(c.ask(QUESTION, max_tokens=tokens), t0) for c in chats))
+    wall = time.perf_counter() - t0
+    for c in chats:
+        await c.close()
+        await c.__aexit__(None, None, None)
+    return _row("mqtt", wall, results)
+
+
+def _with_t(jpeg: bytes, t: float) -> bytes:
+    import json
+    import struct
+
+    header = json.dumps({"t": t, "format": "jpeg"}).encode()
+    return protocol.FRAME_MAGIC + struct.pack(">I", len(header)) + header + jpeg
+
+
+async def _settled(chats):
+    """Wait until every session has both frames in its cache, so only the answers are timed."""
+    for c in chats:
+        for _ in range(600):
+            if (await c.status())["frames_in_window"] == 2:
+                break
+            await asyncio.sleep(0.05)
+
+
+def _row(mode, wall, results) -> dict:
+    n = sum(r[1] for r in results)
+    return {"mode": mode, "wall_s": wall, "tokens": n, "tokens_per_s": n / wall,
+            "ttft_median_ms": 1000 * statistics.median(r[0] for r in results)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint dir or streamvz-tiny (default: a tiny random LLaVA)")
+    p.add_argument("--sessions", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=48, help="max new tokens per answer")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out")
+    a = p.parse_args()
+    model = a.model
+    if model is None:
+        from tiny_models import make_tiny_llava
+
+        model = make_tiny_llava(tempfile.mkdtemp(prefix="serve-bench-"))
+    broker = Broker().start() if MOSQUITTO else None
+    limits = Limits(max_sessions=2 * a.sessions + 2, max_sessions_per_client=2 * a.sessions + 2, max_new_tokens=512)
+    server = ServerThread(model, broker_port=broker.port if broker else None, limits=limits,
+                          tokens_per_frame=8 if a.model is None else 64).start()
+    best: dict[str, dict] = {}
+    try:
+        for k in range(a.rounds):
+            rows = [direct_round(server, a.sessions, a.tokens),
+                    asyncio.run(ws_round(server, a.sessions, a.tokens))]
+            if broker:
+                rows.append(asyncio.run(mqtt_round(server, broker, a.sessions, a.tokens, k)))
+            for r in rows:
+                if r["mode"] not in best or r["wall_s"] < best[r["mode"]]["wall_s"]:
+                    best[r["mode"]] = r
+    finally:
+        server.stop()
+        if broker:
+            broker.stop()
+    base = best["direct"]
+    for r in best.values():
+        r["overhead_ms_per_token"] = 1000 * (r["wall_s"] - base["wall_s"]) / max(1, r["tokens"])
+        r["overhead_pct"] = 100 * (r["wall_s"] / base["wall_s"] - 1)
+    rows = list(best.values())
+    caption = (f"Serve: transport overhead, {a.sessions} concurrent sessions x {a.tokens} new tokens "
+               f"({'tiny random LLaVA' if a.model is None else a.model}, {machine_name()}, best of {a.rounds}):")
+    print(caption)
+    print(table(rows, ["mode", "wall_s", "tokens", "tokens_per_s", "ttft_median_ms", "overhead_ms_per_token",
+                       "overhead_pct"]))
+    write_json("serve", {"machine": machine(), "sessions": a.sessions, "max_tokens": a.tokens, "rounds": a.rounds,
+                         "model": a.model or "tiny random LLaVA", "rows": rows}, a.out)
+
+
+if __name__ == "__main__":
+    main()
