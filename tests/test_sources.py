@@ -71,7 +71,8 @@ def test_rgb_channel_order(clips):
 
 def test_metadata_up_front(clips):
     src = FileSource(clips["h264"], fps=1).open()
-    assert src.backend == "decord"
+    assert src.backend == "pyav"  # auto: fps sampling reads in order (bench/decode_bench.py)
+    assert FileSource(clips["h264"], count=3).open().backend == "decord"  # count: seeks
     assert src.native_fps == pytest.approx(FPS)
     assert src.frame_count == N
     assert src.duration == pytest.approx(N / FPS, abs=1e-3)
@@ -119,16 +120,21 @@ def test_pyav_gop_skipping_matches_decord_with_bframes(clips, kw):
 
 def test_sparse_sampling_decodes_fewer_packets(clips):
     import av
-    from streamvz.sources.file import _needed_packets
+    from streamvz.sources.file import _needed_packets, h264_nonref_test
 
+    targets = np.array([0.4, 1.4, 2.4])  # late in their GOPs: B-frames before them
     with av.open(clips["bframes"]) as c:
         vs = c.streams.video[0]
         every = [p for p in c.demux(vs) if p.size]
+        nonref = h264_nonref_test(vs.codec_context)
         c.seek(0, stream=vs)
-        picked = list(_needed_packets(c.demux(vs), np.array([0.0, 1.0, 2.0]), 0.0, vs.time_base))
+        prefixes = list(_needed_packets(c.demux(vs), targets, 0.0, vs.time_base))
+        c.seek(0, stream=vs)
+        picked = list(_needed_packets(c.demux(vs), targets, 0.0, vs.time_base, nonref))
     keys = sum(p.is_keyframe for p in every)
-    assert keys > 3 and len(picked) < len(every) // 2  # 3 targets need 3 GOP prefixes at most
-    assert [p.is_keyframe for p in picked].count(True) <= 3
+    assert keys > 3 and len(prefixes) < len(every) // 2  # 3 targets need 3 GOP prefixes at most
+    assert [p.is_keyframe for p in prefixes].count(True) <= 3
+    assert sum(nonref(bytes(p)) for p in every) > 0 and len(picked) < len(prefixes)
 
 
 async def test_async_file_source_yields_frames_in_order(clips):

@@ -127,6 +127,9 @@ class LiveSource(ThreadedSource):
         for attempt in range(self.open_retries + 1):
             try:
                 self._container = self._connect()
+                if self.stopping:  # cancelled while connecting
+                    self._close()
+                    return
                 self._status("connected", reconnects=0)
                 return
             except SourceError as e:

@@ -172,7 +172,11 @@ class ThreadedSource:
             return
         self._loop = asyncio.get_running_loop()
         if not self._opened:
-            await asyncio.to_thread(self._open)
+            try:
+                await asyncio.to_thread(self._open)
+            except asyncio.CancelledError:  # the open goes on in its thread: let it clean up
+                self._stop.set()
+                raise
             self._opened = True
         self._chan = _Channel(self._loop, self.queue_size, self.drop_oldest)
         self._thread = threading.Thread(target=self._run, name=f"decode:{self.name}", daemon=True)
