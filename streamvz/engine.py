@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,7 +64,8 @@ class Engine:
         self.max_backlog_frames, self.max_queued_questions = max_backlog_frames, max_queued_questions
         self.sessions: dict[str, Session] = {}
         self._inv_freq = rope_inv_freq(self.adapter.model)
-        tok = self.adapter.tokenizer
+        # HF fast tokenizers may raise "Already borrowed" when two threads call them at once.
+        self._tok_lock = threading.Lock()
         self._eos = set(self.adapter.eos_token_ids)
         self._eot_ids = self.ids(self.adapter.chat.end_of_turn)
         self._suffix_ids = self.ids(self.adapter.chat.frame_suffix)
@@ -71,12 +73,14 @@ class Engine:
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._closed = False
-        self._tok = tok
 
     # -- text ------------------------------------------------------------------------------
     def ids(self, text: str, special: bool = False) -> list[int]:
         """Token ids of one chat piece; `special` adds the tokenizer's BOS (the system prompt only)."""
-        return list(self.adapter.tokenizer(text, add_special_tokens=special)["input_ids"]) if text else []
+        if not text:
+            return []
+        with self._tok_lock:
+            return list(self.adapter.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     def system_ids(self, system_prompt: str) -> list[int]:
         return self.ids(self.adapter.chat.system.format(system_prompt), special=True)
@@ -162,28 +166,37 @@ class Engine:
 
     async def _run(self) -> None:
         while not self._closed:
-            self._wake.clear()
-            did = False
-            batch = self._take_frames()
-            if batch:
-                did = True
-                await self._ingest(batch)
-            for s in list(self.sessions.values()):
-                st = s._state
-                if st.active is None and st.answers:
-                    nxt = st.answers[0]
-                    if not any(f.seq < nxt.seq for f in st.frames):  # its frames are in first
-                        st.active = st.answers.popleft()
-                        s._idle.clear()
-                if st.active is not None:
-                    did = True
-                    for _ in range(self.decode_tokens_per_round):
-                        if await self._advance(s, st.active):
-                            st.active = None
-                            s._idle.set()
-                            break
+            try:
+                did = await self._round()
+            except Exception:  # a bug here must not leave every session hanging
+                log.exception("scheduler round failed")
+                did = False
             if not did:
                 await self._wake.wait()
+
+    async def _round(self) -> bool:
+        """One frame batch, then a few decode steps for every active answer. True if it did work."""
+        self._wake.clear()
+        did = False
+        batch = self._take_frames()
+        if batch:
+            did = True
+            await self._ingest(batch)
+        for s in list(self.sessions.values()):
+            st = s._state
+            if st.active is None and st.answers:
+                nxt = st.answers[0]
+                if not any(f.seq < nxt.seq for f in st.frames):  # its frames are in first
+                    st.active = st.answers.popleft()
+                    s._idle.clear()
+            if st.active is not None:
+                did = True
+                for _ in range(self.decode_tokens_per_round):
+                    if await self._advance(s, st.active):
+                        st.active = None
+                        s._idle.set()
+                        break
+        return did
 
     def _take_frames(self) -> list:
         """Round-robin over sessions, oldest frame first, skipping sessions mid-answer."""
@@ -354,7 +367,8 @@ class Engine:
         return int(torch.multinomial(probs, 1, generator=ans.generator))
 
     def _delta(self, ans: Answer) -> str:
-        text = self.adapter.tokenizer.decode(ans.token_ids, skip_special_tokens=True)
+        with self._tok_lock:
+            text = self.adapter.tokenizer.decode(ans.token_ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # half a UTF-8 character: wait for the rest
             return ""
         delta = text[len(ans.text):] if text.startswith(ans.text) else ""
