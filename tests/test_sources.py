@@ -373,3 +373,25 @@ async def test_file_played_in_real_time(clips):
     assert [V.index_of(f.image) for f in frames] == list(range(0, N, 5))
     assert elapsed >= frames[-1].t - 0.05  # paced by the clock, never ahead of it
     assert events[0]["event"] == "connected" and events[-1]["event"] == "ended"
+
+
+async def test_file_played_in_a_loop(clips):
+    async with open_source(clips["av1"], realtime=True, loop=True) as src:  # 10 frames, 0.4 s
+        frames = await collect(src, limit=25)
+    assert [V.index_of(f.image) for f in frames] == [*range(10), *range(10), *range(5)]
+    t = [f.t for f in frames]
+    assert all(b > a for a, b in zip(t, t[1:]))
+
+
+@pytest.mark.parametrize("fmt", ["mpegts", "mpjpeg"])
+async def test_live_http(fmt):
+    port = V.free_port()
+    frames = []
+    with V.MpegTsSender("http", port, n_frames=30, fps=FPS, fmt=fmt) as snd:
+        async with open_source(snd.reader_url, queue_size=64, **LIVE) as src:
+            async for f in src:
+                frames.append(f)
+                if V.index_of(f.image) == 29:
+                    break
+    idx = [V.index_of(f.image) for f in frames]
+    assert idx == list(range(30))

@@ -162,16 +162,22 @@ def free_port(kind=socket.SOCK_STREAM) -> int:
 
 
 def send_mpegts(url: str, n_frames: int, fps: float, size=(160, 96), start_index: int = 0,
-                realtime: bool = True, pause_at: int = -1, pause_s: float = 0.0) -> None:
-    """Encode pattern frames as H.264 in MPEG-TS to `url` (udp://... or tcp://...?listen=1),
-    paced to real time. Every frame is a keyframe so a reader can join at any point.
+                realtime: bool = True, pause_at: int = -1, pause_s: float = 0.0,
+                fmt: str = "mpegts", options: dict | None = None) -> None:
+    """Encode pattern frames to `url` (udp://..., tcp://...?listen=1, or a file-like object),
+    paced to real time: H.264 in MPEG-TS (every frame a keyframe, so a reader can join at
+    any point), or fmt="mpjpeg" for MJPEG as IP cameras serve it over HTTP.
     `pause_at`/`pause_s`: go silent for pause_s seconds before frame pause_at (a stall)."""
     rate = Fraction(fps).limit_denominator(1001)
-    with av.open(url, "w", format="mpegts") as out:
-        st = out.add_stream("libx264", rate=rate)
+    with av.open(url, "w", format=fmt, options=options or {}) as out:  # url: str or file-like
+        if fmt == "mpjpeg":
+            st = out.add_stream("mjpeg", rate=rate)
+            st.pix_fmt = "yuvj420p"
+        else:
+            st = out.add_stream("libx264", rate=rate)
+            st.pix_fmt = "yuv420p"
+            st.options = {"preset": "ultrafast", "tune": "zerolatency", "g": "1"}
         st.width, st.height = size
-        st.pix_fmt = "yuv420p"
-        st.options = {"preset": "ultrafast", "tune": "zerolatency", "g": "1"}
         t0 = time.monotonic()
         for k in range(n_frames):
             if k == pause_at:
@@ -188,20 +194,59 @@ def send_mpegts(url: str, n_frames: int, fps: float, size=(160, 96), start_index
             out.mux(pkt)
 
 
+class _SocketWriter:
+    """File-like `write` onto a socket, for PyAV's custom-IO output."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def write(self, data) -> int:
+        self.sock.sendall(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def serve_http(port: int, n_frames: int, fps: float, size=(160, 96), start_index: int = 0,
+               fmt: str = "mpegts", **kw) -> None:
+    """A one-client HTTP server on 127.0.0.1:port streaming like an IP camera: MPEG-TS
+    (video/mp2t) or MJPEG (multipart/x-mixed-replace). FFmpeg's own HTTP server cannot be
+    driven through PyAV's output (its options do not reach the protocol), so this is a
+    minimal one: read the request, send the headers, let PyAV write the body."""
+    with socket.create_server(("127.0.0.1", port)) as srv:
+        print("ready", flush=True)
+        conn, _ = srv.accept()
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                request += chunk
+            ctype = ("multipart/x-mixed-replace;boundary=ffmpeg" if fmt == "mpjpeg"
+                     else "video/mp2t")
+            conn.sendall(f"HTTP/1.0 200 OK\r\nContent-Type: {ctype}\r\n"
+                         f"Cache-Control: no-cache\r\n\r\n".encode())
+            send_mpegts(_SocketWriter(conn), n_frames, fps, size, start_index, fmt=fmt, **kw)
+
+
 class MpegTsSender:
     """A sender in a child process (so a test can kill it like a camera that dies).
 
-    proto "tcp": the sender listens on 127.0.0.1:port and the reader connects to
-    tcp://127.0.0.1:port; proto "udp": the sender sends to udp://127.0.0.1:port.
+    proto "tcp"/"http": the sender listens on 127.0.0.1:port (one client) and the reader
+    connects to tcp://127.0.0.1:port or http://127.0.0.1:port; proto "udp": the sender
+    sends to udp://127.0.0.1:port. fmt: "mpegts" (H.264) or "mpjpeg" (MJPEG, http only).
     """
 
     def __init__(self, proto: str, port: int, n_frames: int = 100, fps: float = 25,
-                 size=(160, 96), start_index: int = 0, pause_at: int = -1, pause_s: float = 0.0):
+                 size=(160, 96), start_index: int = 0, pause_at: int = -1, pause_s: float = 0.0,
+                 fmt: str = "mpegts"):
         self.proto, self.port = proto, port
         self.args = [sys.executable, os.path.abspath(__file__), "send", "--proto", proto,
                      "--port", str(port), "--frames", str(n_frames), "--fps", str(fps),
                      "--size", f"{size[0]}x{size[1]}", "--start", str(start_index),
-                     "--pause-at", str(pause_at), "--pause", str(pause_s)]
+                     "--pause-at", str(pause_at), "--pause", str(pause_s), "--format", fmt]
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -240,7 +285,8 @@ def _main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("send", help="send pattern frames as MPEG-TS on loopback")
-    s.add_argument("--proto", choices=["tcp", "udp"], default="tcp")
+    s.add_argument("--proto", choices=["tcp", "udp", "http"], default="tcp")
+    s.add_argument("--format", choices=["mpegts", "mpjpeg"], default="mpegts")
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--frames", type=int, default=100)
     s.add_argument("--fps", type=float, default=25)
@@ -250,12 +296,16 @@ def _main(argv=None) -> None:
     s.add_argument("--pause", type=float, default=0.0)
     a = p.parse_args(argv)
     w, h = (int(v) for v in a.size.split("x"))
-    url = (f"tcp://127.0.0.1:{a.port}?listen=1" if a.proto == "tcp"
-           else f"udp://127.0.0.1:{a.port}?pkt_size=1316")
-    print("ready", flush=True)
+    kw = dict(pause_at=a.pause_at, pause_s=a.pause, fmt=a.format)
     try:
-        send_mpegts(url, a.frames, a.fps, (w, h), a.start, pause_at=a.pause_at, pause_s=a.pause)
-    except (BrokenPipeError, ConnectionResetError, av.error.FFmpegError):
+        if a.proto == "http":
+            serve_http(a.port, a.frames, a.fps, (w, h), a.start, **kw)
+        else:
+            url = (f"tcp://127.0.0.1:{a.port}?listen=1" if a.proto == "tcp"
+                   else f"udp://127.0.0.1:{a.port}?pkt_size=1316")
+            print("ready", flush=True)
+            send_mpegts(url, a.frames, a.fps, (w, h), a.start, **kw)
+    except (BrokenPipeError, ConnectionResetError, av.error.FFmpegError, OSError):
         pass  # the reader went away: normal end for a live sender
 
 

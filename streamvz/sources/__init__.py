@@ -26,8 +26,9 @@ Errors: `SourceError(code, message, **details)`, a `streamvz.errors.StreamError`
                           in the requested [start, end)
     resolution_too_large  width*height above max_pixels (default 7680*4320)
     unreachable_url       a live URL/device could not be opened (after the open retries)
-    source_stalled        a live source gave no frame for stall_timeout and reconnecting
-                          failed max_reconnects times in a row
+    source_stalled        a live source stopped delivering (no data for stall_timeout, or
+                          the connection failed) and reconnect=False, or reconnecting failed
+                          max_reconnects times in a row
     decode_failed         anything else FFmpeg reported while decoding
 """
 from __future__ import annotations

@@ -205,6 +205,8 @@ class LiveSource(ThreadedSource):
         sampler = RateSampler(self.fps)
         while True:
             c, self._container = self._container, None
+            if c is None:  # stopped while connecting
+                return
             try:
                 reason = self._read(c, emit, sampler)
             finally:
@@ -212,15 +214,20 @@ class LiveSource(ThreadedSource):
             if reason == "stop" or self.stopping:
                 return
             self._base = None  # the next connection's clock starts afresh
-            if self.is_file and reason == "eof" and not self.loop:
-                self._status("ended")
-                return
+            if self.is_file:
+                if reason != "eof":  # a damaged file: replaying it would loop forever
+                    raise SourceError("corrupt_video", f"{self.name}: {reason}", path=self.url,
+                                      last_good_t=self._last_t)
+                if not self.loop:
+                    self._status("ended")
+                    return
+                self._container = self._connect()  # loop: play it again
+                continue
             if reason == "stalled":
                 self._status("stalled", code="source_stalled",
                              message=f"no data for {self.stall_timeout:.1f}s")
-            if not self.is_file:
-                self._status("disconnected", reason=reason)
-            if not (self.reconnect or self.is_file):
+            self._status("disconnected", reason=reason)
+            if not self.reconnect:
                 if reason == "eof":
                     self._status("ended")
                     return
@@ -233,8 +240,6 @@ class LiveSource(ThreadedSource):
         """Reconnect with capped exponential backoff; None if told to stop."""
         delay = self.backoff[0]
         attempt = 0
-        if self.is_file:  # looping a file: reopen at once
-            return self._connect()
         while True:
             attempt += 1
             self._status("reconnecting", attempt=attempt, delay=delay)
