@@ -137,9 +137,15 @@ class WsChat:
 async def _push_local(chat: WsChat, url: str, fps: float):
     from streamvz.sources import open_source
 
-    async with open_source(url, fps=fps) as src:
+    # realtime: a file plays at its own pace, like a camera (and within the server's fps cap).
+    async with open_source(url, fps=fps, realtime=not url.startswith("/dev/")) as src:
         async for frame in src:
             await chat.push(frame.image, frame.t)
+
+
+async def _items(items):
+    for item in items:
+        yield item
 
 
 async def _lines():
@@ -175,17 +181,11 @@ async def main(argv=None) -> int:
         pusher = None
         if a.video or a.webcam:
             pusher = asyncio.create_task(_push_local(chat, a.video or a.webcam, a.fps))
-        questions = a.ask
-        if questions:
+        if a.ask:
             await asyncio.sleep(a.wait)
         else:
             print("type a question (or /status, /quit)", file=sys.stderr)
-        source = questions if questions else _lines()
-        if questions:
-            async def gen():
-                for q in questions:
-                    yield q
-            source = gen()
+        source = _items(a.ask) if a.ask else _lines()
         async for q in source:
             if q in ("/quit", "/exit"):
                 break

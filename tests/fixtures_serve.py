@@ -165,13 +165,14 @@ class ServerThread:
 
     def __init__(self, model: str, *, ws: bool = True, broker_port: int | None = None, limits=None,
                  media_roots=(), grace_s: float = 30.0, token: str | None = None, tokens_per_frame: int = 8,
-                 realtime_files: bool = False, engine_kwargs: dict | None = None):
+                 realtime_files: bool = False, engine_kwargs: dict | None = None, origins: list[str] | None = None):
         import threading
 
         self.model, self.ws, self.broker_port = model, ws, broker_port
         self.limits, self.media_roots, self.grace_s, self.token = limits, list(media_roots), grace_s, token
         self.tokens_per_frame, self.realtime_files = tokens_per_frame, realtime_files
         self.engine_kwargs = engine_kwargs or {}
+        self.origins = origins
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._main, daemon=True)
         self.loop = None
@@ -221,7 +222,7 @@ class ServerThread:
                                grace_s=self.grace_s, realtime_files=self.realtime_files)
         async with AsyncExitStack() as stack:
             if self.ws:
-                srv = await stack.enter_async_context(WsServer(self.service, port=0, token=self.token))
+                srv = await stack.enter_async_context(WsServer(self.service, port=0, token=self.token, origins=self.origins))
                 self.port = srv.port
             if self.broker_port:
                 self.mqtt = await stack.enter_async_context(MqttServer(self.service, port=self.broker_port))

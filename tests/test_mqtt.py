@@ -128,3 +128,17 @@ async def test_broker_restart_keeps_sessions(server, broker):  # noqa: F811
         assert opened["resumed"] is True and opened["frames_seen"] == 1
         assert await chat.ask("After?", max_tokens=4).result()
         await chat.close()
+
+
+async def test_terminal_mqtt_client(server, broker):  # noqa: F811
+    import sys
+    from pathlib import Path
+
+    client = str(Path(__file__).resolve().parents[1] / "clients" / "mqtt_client.py")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, client, "--port", str(broker.port), "--session", "cli", "--ask", "What is shown?",
+        "--max-tokens", "4", "--wait", "0.2", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert out.decode().startswith("Q: What is shown?\nA: ") and len(out.decode().splitlines()) >= 2
+    assert "session cli" in err.decode()

@@ -262,3 +262,37 @@ async def test_bearer_token(tiny_llava):
             assert (await raw_request(ws, '{"op":"status"}'))["code"] == "no_session"
     finally:
         srv.stop()
+
+
+async def test_origin_check(tiny_llava):
+    srv = ServerThread(tiny_llava, origins=["http://good.example"], limits=LIMITS).start()
+    try:
+        with pytest.raises(websockets.InvalidStatus) as ei:
+            async with websockets.connect(srv.url, origin="http://evil.example"):
+                pass
+        assert ei.value.response.status_code == 403
+        async with websockets.connect(srv.url, origin="http://good.example") as ws:
+            assert (await raw_request(ws, '{"op":"open"}'))["op"] == "opened"
+    finally:
+        srv.stop()
+
+
+async def test_terminal_client_pushes_a_local_video_and_streams_answers(server, media):
+    import sys
+    from pathlib import Path
+
+    client = str(Path(__file__).resolve().parents[1] / "clients" / "ws_chat.py")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, client, "--url", server.url, "--video", str(media / "clip.mp4"), "--fps", "4",
+        "--ask", "What is shown?", "--ask", "Anything else?", "--max-tokens", "4", "--wait", "1",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    out = out.decode()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert out.count("Q: ") == 2 and out.count("tokens, first after") == 2
+    assert "session " in err.decode()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, client, "--url", server.url, "--source", "../../etc/passwd", "--ask", "x",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 2 and "error [source_not_allowed]" in err.decode()
