@@ -187,6 +187,10 @@ async def test_disconnect_mid_answer_cancels_then_resume(server):
     await chat.push(pattern_frame(3), t=1.0)
     answer = chat.ask("Describe it at length.", max_tokens=300)
     await answer.__anext__()
+
+    async def engine_answer():
+        return server.service.entries[sid].answers[answer.id]
+    generating = server.call(engine_answer)  # the engine's own Answer object
     await chat.ws.close()  # vanish mid-answer
     await chat.__aexit__(None, None, None)
 
@@ -199,6 +203,11 @@ async def test_disconnect_mid_answer_cancels_then_resume(server):
         return None
 
     assert server.call(server_state) == (1, True)  # answer stopped, session kept for the grace period
+    for _ in range(100):
+        if generating.done:
+            break
+        await asyncio.sleep(0.05)
+    assert generating.usage["finish_reason"] == "cancelled" and generating.usage["completion_tokens"] < 300
 
     async with WsChat(server.url) as again:
         opened = await again.open(session=sid)
