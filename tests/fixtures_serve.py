@@ -44,13 +44,45 @@ def wait_port(port: int, timeout: float = 10.0, up: bool = True) -> None:
 class Broker:
     """mosquitto 2.x (a real MQTT v5 broker) on 127.0.0.1:port, anonymous, no persistence."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, users: dict[str, str] | None = None, tls: bool = False):
+        """`users`: require these username/passwords; `tls`: serve TLS with a fresh CA (`self.ca`)."""
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="mosq")
         self.conf = os.path.join(self.dir, "mosquitto.conf")
+        import getpass
+
+        # `user`: as root, mosquitto would switch to user mosquitto, who cannot read our temp dir.
+        conf = [f"user {getpass.getuser()}", f"listener {self.port} 127.0.0.1", "persistence false",
+                f"log_dest file {self.dir}/log", "max_packet_size 16777216"]
+        if users:
+            pw = os.path.join(self.dir, "passwd")
+            open(pw, "w").close()
+            for user, password in users.items():
+                subprocess.run(["mosquitto_passwd", "-b", pw, user, password], check=True)
+            os.chmod(pw, 0o600)
+            conf += ["allow_anonymous false", f"password_file {pw}"]
+        else:
+            conf.append("allow_anonymous true")
+        self.ca = None
+        if tls:
+            self.ca = self._make_certs()
+            conf += [f"cafile {self.ca}", f"certfile {self.dir}/server.crt", f"keyfile {self.dir}/server.key"]
         with open(self.conf, "w") as f:
-            f.write(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    f"log_dest file {self.dir}/log\nmessage_size_limit 16777216\n")
+            f.write("\n".join(conf) + "\n")
+
+    def _make_certs(self) -> str:
+        """A throwaway CA and a server certificate for 127.0.0.1 (openssl CLI)."""
+        d = self.dir
+        run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)  # noqa: E731
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=streamvz test CA",
+            "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.crt")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", f"{d}/server.key",
+            "-out", f"{d}/server.csr")
+        with open(f"{d}/ext.cnf", "w") as f:
+            f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        run("x509", "-req", "-in", f"{d}/server.csr", "-CA", f"{d}/ca.crt", "-CAkey", f"{d}/ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", f"{d}/ext.cnf", "-out", f"{d}/server.crt")
+        return f"{d}/ca.crt"
         self.proc = None
 
     def start(self):
@@ -165,7 +197,8 @@ class ServerThread:
 
     def __init__(self, model: str, *, ws: bool = True, broker_port: int | None = None, limits=None,
                  media_roots=(), grace_s: float = 30.0, token: str | None = None, tokens_per_frame: int = 8,
-                 realtime_files: bool = False, engine_kwargs: dict | None = None, origins: list[str] | None = None):
+                 realtime_files: bool = False, engine_kwargs: dict | None = None, origins: list[str] | None = None,
+                 mqtt_kwargs: dict | None = None):
         import threading
 
         self.model, self.ws, self.broker_port = model, ws, broker_port
@@ -173,6 +206,7 @@ class ServerThread:
         self.tokens_per_frame, self.realtime_files = tokens_per_frame, realtime_files
         self.engine_kwargs = engine_kwargs or {}
         self.origins = origins
+        self.mqtt_kwargs = mqtt_kwargs or {}
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._main, daemon=True)
         self.loop = None
@@ -225,7 +259,8 @@ class ServerThread:
                 srv = await stack.enter_async_context(WsServer(self.service, port=0, token=self.token, origins=self.origins))
                 self.port = srv.port
             if self.broker_port:
-                self.mqtt = await stack.enter_async_context(MqttServer(self.service, port=self.broker_port))
+                self.mqtt = await stack.enter_async_context(MqttServer(self.service, port=self.broker_port,
+                                                                                **self.mqtt_kwargs))
                 await asyncio.wait_for(self.mqtt.connected.wait(), 30)
             self.ready.set()
             await self._stop.wait()

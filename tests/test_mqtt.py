@@ -142,3 +142,31 @@ async def test_terminal_mqtt_client(server, broker):  # noqa: F811
     assert proc.returncode == 0, err.decode()[-2000:]
     assert out.decode().startswith("Q: What is shown?\nA: ") and len(out.decode().splitlines()) >= 2
     assert "session cli" in err.decode()
+
+
+async def test_username_password_and_tls(tiny_llava):
+    import ssl
+
+    import aiomqtt
+
+    from fixtures_serve import Broker
+
+    secure = Broker(users={"svz": "s3cret"}, tls=True).start()
+    tls = ssl.create_default_context(cafile=secure.ca)
+    srv = ServerThread(tiny_llava, ws=False, broker_port=secure.port, limits=LIMITS,
+                       mqtt_kwargs=dict(username="svz", password="s3cret", tls=tls)).start()
+    try:
+        async with MqttChat("127.0.0.1", secure.port, session="tls1", username="svz", password="s3cret",
+                            tls=tls, timeout=30) as chat:
+            await chat.open()
+            await chat.push(pattern_frame(4), t=0.0)
+            assert await chat.ask("Over TLS?", max_tokens=4).result()
+        with pytest.raises(aiomqtt.MqttError):  # wrong password: the broker refuses
+            async with MqttChat("127.0.0.1", secure.port, session="x", username="svz", password="nope", tls=tls):
+                pass
+        with pytest.raises(aiomqtt.MqttError):  # plain TCP to the TLS listener
+            async with MqttChat("127.0.0.1", secure.port, session="x", username="svz", password="s3cret", timeout=5):
+                pass
+    finally:
+        srv.stop()
+        secure.stop()
