@@ -44,14 +44,14 @@ def engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-sessions", type=int, default=16, help="sessions the engine holds at once")
 
 
-def make_engine(a):
+def make_engine(a, **limits):
     import torch
 
     from streamvz.engine import Engine
 
     dtype = getattr(torch, a.dtype) if a.dtype else None
     return Engine(model=a.model, device=a.device, dtype=dtype, tokens_per_frame=a.tokens_per_frame,
-                  window_frames=a.window, max_sessions=a.max_sessions)
+                  window_frames=a.window, max_sessions=a.max_sessions, **limits)
 
 
 # --- serve ---------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ async def cmd_serve(a) -> int:
                       mqtt_user=a.mqtt_user, mqtt_password=a.mqtt_password or os.environ.get("STREAMVZ_MQTT_PASSWORD"),
                       mqtt_ca=a.mqtt_ca, media_roots=a.media_root, token=a.token or os.environ.get("STREAMVZ_TOKEN"),
                       origins=a.origin, grace_s=a.grace, limits=limits)
-    async with make_engine(a) as engine:
+    async with make_engine(a, max_question_chars=a.max_question_chars) as engine:
         ready = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(serve(engine, cfg, ready))
         port = await ready

@@ -81,7 +81,7 @@ class WsServer:
 
     # --- one websocket connection ----------------------------------------------------------
     async def _handle(self, ws: ServerConnection):
-        client = self.token or str(ws.remote_address[0])
+        client = str(ws.remote_address[0])  # the token is one server-wide secret, not an identity
         conn = _Conn(self.service, ws, client)
         try:
             async for message in ws:
