@@ -107,21 +107,39 @@ def _polygon(o: Obj) -> list[tuple[float, float]]:
     raise ValueError(o.shape)
 
 
+def _draw(draw: ImageDraw.ImageDraw, o: Obj, fill, outline) -> None:
+    r = o.size / 2
+    box = (o.cx - r, o.cy - r, o.cx + r, o.cy + r)
+    if o.shape == "circle":
+        draw.ellipse(box, fill=fill, outline=outline, width=2)
+    elif o.shape == "square":
+        draw.rectangle(box, fill=fill, outline=outline, width=2)
+    else:
+        draw.polygon(_polygon(o), fill=fill, outline=outline, width=2)
+
+
 def render(scene: Scene) -> np.ndarray:
     """Scene -> uint8 [SIZE, SIZE, 3]."""
     img = _background(scene.background)
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
-        fill, r = COLOURS[o.colour], o.size / 2
-        box = (o.cx - r, o.cy - r, o.cx + r, o.cy + r)
-        outline = (0, 0, 0) if o.colour != "white" else (60, 60, 60)
-        if o.shape == "circle":
-            draw.ellipse(box, fill=fill, outline=outline, width=2)
-        elif o.shape == "square":
-            draw.rectangle(box, fill=fill, outline=outline, width=2)
-        else:
-            draw.polygon(_polygon(o), fill=fill, outline=outline, width=2)
+        _draw(draw, o, COLOURS[o.colour], (0, 0, 0) if o.colour != "white" else (60, 60, 60))
     return np.asarray(img, dtype=np.uint8).copy()
+
+
+def patch_labels(scene: Scene, patch: int = 14, min_cover: float = 0.3) -> np.ndarray:
+    """[patches] object index covering each patch (raster order), -1 for background."""
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    draw = ImageDraw.Draw(mask)
+    for i, o in enumerate(scene.objects):
+        _draw(draw, o, i + 1, i + 1)
+    m = np.asarray(mask)
+    g = SIZE // patch
+    cells = m.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
+    out = np.full(g * g, -1)
+    for i in range(len(scene.objects)):
+        out[(cells == i + 1).mean(axis=1) >= min_cover] = i
+    return out
 
 
 # ---------------------------------------------------------------------------------------
