@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from fixtures_serve import broker  # noqa: F401  (fixture)
 from pipelines.analyze import analyze
 from pipelines.live_qa import LiveQA, normalise
 from videos import write_h264
@@ -99,3 +100,33 @@ def test_demo_end_to_end(tiny_llava):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("\nQ: ") == 2 and r.stdout.count("tokens, first after") == 2
     assert "demo: done" in r.stdout
+
+
+async def test_serve_command_both_transports(tiny_llava, broker):  # noqa: F811
+    import asyncio
+    import re
+    import signal
+
+    from clients.mqtt_client import MqttChat
+    from clients.ws_chat import WsChat
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "run_stream.py"), "serve", "--model", tiny_llava, "--tokens-per-frame", "8",
+        "--transport", "both", "--port", "0", "--broker-port", str(broker.port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        port = None
+        while port is None:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode()
+            assert line, "serve exited early"
+            m = re.search(r"ws://127\.0\.0\.1:(\d+)/ws", line)
+            port = m and int(m.group(1))
+        async with WsChat(f"ws://127.0.0.1:{port}/ws") as chat:
+            await chat.open()
+            assert await chat.ask("Over the websocket?", max_tokens=3).result()
+        async with MqttChat("127.0.0.1", broker.port, session="served", timeout=60) as chat:
+            await chat.open()
+            assert await chat.ask("Over MQTT?", max_tokens=3).result()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 30) in (0, 130)
