@@ -144,6 +144,7 @@ async def test_terminal_mqtt_client(server, broker):  # noqa: F811
     assert "session cli" in err.decode()
 
 
+@pytest.mark.skipif(__import__("shutil").which("openssl") is None, reason="needs the openssl CLI for a test CA")
 async def test_username_password_and_tls(tiny_llava):
     import ssl
 
