@@ -210,6 +210,9 @@ async def test_disconnect_mid_answer_cancels_then_resume(server):
     assert generating.usage["finish_reason"] == "cancelled" and generating.usage["completion_tokens"] < 300
 
     async with WsChat(server.url) as again:
+        with pytest.raises(StreamError) as ei:
+            await again.open(session=sid, source="clip.mp4")
+        assert ei.value.code == "bad_field"
         opened = await again.open(session=sid)
         assert opened["resumed"] is True and opened["frames_seen"] == 1
         assert await again.ask("And now?", max_tokens=3).result()

@@ -65,6 +65,9 @@ class Service:
             entry = self.entries.get(msg["session"])
             if entry is None:
                 raise StreamError("unknown_session", f"no session {msg['session']!r} (closed or expired)")
+            extra = set(msg) - {"op", "session"}
+            if extra:  # a resumed session keeps its source, fps and system prompt
+                raise StreamError("bad_field", f"resuming takes only `session`, not {sorted(extra)}", field=sorted(extra)[0])
             if entry.send is not None:
                 raise StreamError("session_in_use", "the session is attached to another connection")
             if entry.expiry is not None:
