@@ -22,6 +22,8 @@ def clips(tmp_path_factory):
         "h264": V.write_h264(d / "a.mp4", N, FPS, SIZE),
         "faststart": V.write_h264(d / "fs.mp4", N, FPS, SIZE, faststart=True),
         "bframes": V.write_h264(d / "b.mp4", N, FPS, SIZE, preset="fast", gop=12),  # B-frames, short GOPs
+        "bframes_ts": V.write_video(d / "b.ts", N, FPS, SIZE, "libx264", format="mpegts",
+                                    options={"preset": "fast", "g": "12"}),  # Annex B, pts from 1.4 s
         "mjpeg": V.write_mjpeg(d / "m.avi", N, FPS, SIZE),
         "av1": V.write_av1(d / "av1.mp4", 10, FPS, SIZE),
         "empty": V.write_empty(d / "empty.avi"),
@@ -115,6 +117,22 @@ def test_pyav_gop_skipping_matches_decord_with_bframes(clips, kw):
             out[dec] = [np.concatenate(x) for x in zip(*src.batches())]
     assert np.allclose(out["decord"][0], out["pyav"][0], rtol=0, atol=1e-6)
     assert np.array_equal(out["decord"][1], out["pyav"][1])  # same frames, bit for bit
+
+
+@pytest.mark.parametrize("kind", ["bframes", "bframes_ts"])
+@pytest.mark.parametrize("kw", [dict(fps=2), dict(count=7), dict(fps=3, start=0.7, end=2.5),
+                                dict(fps=1, start=1.9)])
+def test_pyav_sampling_equals_picking_from_a_full_decode(clips, kind, kw):
+    from streamvz.sources.file import pick_indices, sample_targets
+
+    with FileSource(clips[kind], decoder="pyav") as src:  # no sampling: every frame decoded
+        all_t, all_img = (np.concatenate(x) for x in zip(*src.batches()))
+    assert len(all_t) == N and np.allclose(all_t, np.arange(N) / FPS)
+    start, end = kw.get("start", 0.0), kw.get("end", N / FPS)
+    pick = pick_indices(all_t, sample_targets(start, end, kw.get("fps"), kw.get("count")))
+    with FileSource(clips[kind], decoder="pyav", **kw) as src:
+        t, img = (np.concatenate(x) for x in zip(*src.batches()))
+    assert np.allclose(t, all_t[pick]) and np.array_equal(img, all_img[pick])
 
 
 def test_sparse_sampling_decodes_fewer_packets(clips):

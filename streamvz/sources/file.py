@@ -30,6 +30,7 @@ spreads that many targets evenly (segment centres) over [start, end).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -158,6 +159,23 @@ class _TargetSampler:
 
 
 MAX_GOP_PACKETS = 900  # lookahead cap (30 s at 30 fps): past it a GOP is decoded whole
+
+
+def _demux_from_keyframe(c, vs, start: float, t0: float, tb):
+    """Packets from a keyframe at or before `start`. Seeking is not keyframe-exact in every
+    container (MPEG-TS lands on any packet), so step back until the first packet is one."""
+    back = 0.0
+    while True:
+        target = max(0.0, start - back)
+        c.seek(int((target + t0) / tb), stream=vs, backward=True)
+        packets = c.demux(vs)
+        first = next((p for p in packets if p.size), None)
+        if first is None:
+            return iter(())
+        t = None if first.pts is None else float(first.pts * tb) - t0
+        if target == 0.0 or (first.is_keyframe and t is not None and t <= start + EPS):
+            return itertools.chain([first], packets)
+        back = max(1.0, 2 * back)
 
 
 def _decode(vs, packets):
@@ -417,8 +435,9 @@ class FileSource(ThreadedSource):
             tb = vs.time_base
             t0 = float(vs.start_time * tb) if vs.start_time is not None and tb else 0.0
             if start > 0 and tb:
-                c.seek(int((start + t0) / tb), stream=vs, backward=True)
-            packets = c.demux(vs)
+                packets = _demux_from_keyframe(c, vs, start, t0, tb)
+            else:
+                packets = c.demux(vs)
             if targets is not None and tb:
                 packets = _needed_packets(packets, targets, t0, tb, h264_nonref_test(vs.codec_context))
             n = 0
