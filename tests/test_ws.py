@@ -308,3 +308,27 @@ async def test_terminal_client_pushes_a_local_video_and_streams_answers(server, 
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     _, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 2 and "error [source_not_allowed]" in err.decode()
+
+
+async def test_server_side_live_http_source(server):
+    import threading
+
+    from videos import free_port, serve_http
+
+    port = free_port()
+    cam = threading.Thread(target=serve_http, args=(port, 20, 10), daemon=True)  # a 2 s MPEG-TS "IP camera"
+    cam.start()
+    await asyncio.sleep(0.3)
+    async with WsChat(server.url) as chat:
+        await chat.open(source=f"http://127.0.0.1:{port}/live.ts", fps=5)
+        connected = await chat.expect("status", timeout=60)  # the source's own events are forwarded
+        assert connected["event"] == "source_connected" and connected["source"] == "running"
+        for _ in range(200):
+            st = await chat.status()
+            if st["frames_seen"] >= 3:
+                break
+            await asyncio.sleep(0.1)
+        assert st["frames_seen"] >= 3 and st["source"] == "running"
+        assert await chat.ask("What did the camera show?", max_tokens=4).result()
+        await chat.close()  # stops the reader, which would otherwise reconnect like to a camera
+    cam.join(10)

@@ -157,7 +157,14 @@ class Service:
         try:
             from streamvz.sources import open_source
 
-            async with open_source(source, fps=fps, realtime=self.realtime_files and "://" not in source) as src:
+            def on_status(ev: dict) -> None:  # live sources: connected / disconnected / reconnecting / stalled
+                if ev.get("event") in ("connected", "disconnected", "reconnecting", "stalled"):
+                    fields = {k: v for k, v in ev.items() if k in ("attempt", "delay", "reason") and v is not None}
+                    asyncio.ensure_future(_maybe(entry.emit("status", session=entry.id, event="source_" + ev["event"],
+                                                            **fields, **self.status(entry))))
+
+            async with open_source(source, fps=fps, realtime=self.realtime_files and "://" not in source,
+                                   on_status=on_status) as src:
                 async for frame in src:
                     await entry.session.add_frame(frame.image, t=frame.t)
             entry.source_state = "ended"
