@@ -7,7 +7,8 @@ Two decoders; decoder="auto" uses PyAV, chosen on bench/decode_bench.py's number
     clip (decord also reads every packet when it opens, to index keyframes), with
     bit-identical frames. It also decodes what decord's FFmpeg 4.1 cannot (AV1) and the
     good part of damaged files.
-  * decord (decoder="decord") stays available: random access by frame index.
+  * decord (decoder="decord") stays available for mp4/mkv/avi. Not for MPEG-TS: decord
+    0.6.0 returns frame 12 for index 0 of a .ts file with 12-frame GOPs (checked by hand).
 Every check happens in `open()` with PyAV's probe, so a bad file fails before any frame is
 promised:
 
