@@ -4,7 +4,9 @@
     .venv/bin/python bench/decode_bench.py --seconds 10 --repeat 1 --keep /tmp/clips
 
 The clips pan across real photos (scikit-image) with a moving object, 30 fps, libx264
-(preset fast, CRF 20, 2 s GOP, B-frames): roughly what phones and cameras record.
+(preset fast, CRF 20, 2 s GOP, B-frames). Smooth pans compress very well (~1.5 Mbit/s at
+1080p), so a second 1080p clip adds sensor-like grain (~6 Mbit/s, closer to a camera):
+decoding cost grows with bitrate. A 5-minute 360p clip checks sparse sampling of long files.
 Each run opens the file and reads every sampled frame as uint8 RGB through FileSource,
 i.e. exactly what the pipeline does (PyAV: only the GOP prefixes the samples need). Figures:
 sampled frames per second of wall time, "x real time" = clip duration / wall time (best of
@@ -42,10 +44,13 @@ def _canvas(w: int, h: int) -> np.ndarray:
     return np.concatenate([np.concatenate(tiles[:2], 1), np.concatenate(tiles[2:], 1)], 0)
 
 
-def make_clip(path: str, size: tuple[int, int], seconds: float, fps: int = 30, gop: int = 60) -> str:
+def make_clip(path: str, size: tuple[int, int], seconds: float, fps: int = 30, gop: int = 60,
+              noise: float = 0.0) -> str:
     w, h = size
     canvas = _canvas(w, h)  # [2h, 2w, 3]
     n = int(seconds * fps)
+    rng = np.random.default_rng(0)  # sensor-like grain, cycled: raises the bitrate to camera levels
+    grain = [rng.normal(0, noise, (h, w, 1)).astype(np.int16) for _ in range(7)] if noise else None
     with av.open(path, "w") as out:
         st = out.add_stream("libx264", rate=Fraction(fps))
         st.width, st.height, st.pix_fmt = w, h, "yuv420p"
@@ -57,6 +62,8 @@ def make_clip(path: str, size: tuple[int, int], seconds: float, fps: int = 30, g
             img = canvas[y:y + h, x:x + w].copy()
             bx = int((0.5 + 0.4 * np.sin(i / 15)) * (w - w // 8))
             img[h // 3:h // 3 + h // 8, bx:bx + w // 8] = (220, 40, 40)  # a moving object
+            if grain is not None:
+                img = np.clip(img + grain[i % len(grain)], 0, 255).astype(np.uint8)
             fr = av.VideoFrame.from_ndarray(img, format="rgb24")
             fr.pts = i
             fr.time_base = Fraction(1, fps)
@@ -85,6 +92,8 @@ def main(argv=None) -> None:
     p.add_argument("--count", dest="counts", type=int, action="append", default=None,
                    help="also time count=N sampling (default: 16)")
     p.add_argument("--sizes", default="1280x720,1920x1080")
+    p.add_argument("--grain", type=float, default=3.0,
+                   help="std of the grain added to an extra 1080p clip (0: skip it)")
     p.add_argument("--long-seconds", type=float, default=300.0,
                    help="length of the 360p clip for sparse sampling (0: skip it)")
     p.add_argument("--decoders", default="decord,pyav")
@@ -98,19 +107,23 @@ def main(argv=None) -> None:
     os.makedirs(clip_dir, exist_ok=True)
     rows = []
     clips = []
-    plan = [(size, a.seconds, [(float(f), None) for f in a.fps.split(",")] +
-             [(None, c) for c in a.counts]) for size in a.sizes.split(",")]
+    modes = [(float(f), None) for f in a.fps.split(",")] + [(None, c) for c in a.counts]
+    plan = [(size, a.seconds, 0.0, modes) for size in a.sizes.split(",")]
+    if a.grain > 0:  # the same 1080p pan with sensor grain: camera-like bitrate, harder to decode
+        plan.append(("1920x1080", a.seconds, a.grain, modes[:len(a.fps.split(","))]))
     if a.long_seconds > 0:  # sparse sampling of a long file: does reading every packet hurt?
-        plan.append(("640x360", a.long_seconds, [(1.0, None)] + [(None, c) for c in a.counts]))
-    for size, seconds, modes in plan:
+        plan.append(("640x360", a.long_seconds, 0.0, [(1.0, None)] + [(None, c) for c in a.counts]))
+    for size, seconds, grain, modes in plan:
         w, h = (int(v) for v in size.split("x"))
-        path = os.path.join(clip_dir, f"pan_{h}p_{seconds:g}s.mp4")
+        name = f"pan_{h}p_{seconds:g}s" + (f"_grain{grain:g}" if grain else "")
+        path = os.path.join(clip_dir, name + ".mp4")
         if not os.path.exists(path):
             t0 = time.perf_counter()
-            make_clip(path, (w, h), seconds)
+            make_clip(path, (w, h), seconds, noise=grain)
             print(f"made {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         mbps = os.path.getsize(path) * 8 / seconds / 1e6
-        clips.append({"path": os.path.basename(path), "width": w, "height": h,
+        label = f"{h}p {seconds:g}s {mbps:.1f}Mb/s" + (" grain" if grain else "")
+        clips.append({"path": os.path.basename(path), "width": w, "height": h, "grain": grain,
                       "seconds": seconds, "fps": 30, "mbit_s": round(mbps, 2)})
         for dec in a.decoders.split(","):  # warm-up: library and codec initialisation, page cache
             run_once(path, dec, 1.0)
@@ -118,7 +131,7 @@ def main(argv=None) -> None:
             for dec in a.decoders.split(","):
                 runs = [run_once(path, dec, fps, count) for _ in range(a.repeat)]
                 best, cpu, n = min(runs)
-                rows.append({"video": f"{h}p {seconds:g}s", "sample_fps": fps, "count": count, "decoder": dec,
+                rows.append({"video": label, "sample_fps": fps, "count": count, "decoder": dec,
                              "frames": n,
                              "seconds_best": round(best, 3),
                              "seconds_median": round(statistics.median(r[0] for r in runs), 3),
@@ -127,7 +140,7 @@ def main(argv=None) -> None:
                              "x_realtime": round(seconds / best, 1),
                              "x_realtime_per_cpu_s": round(seconds / cpu, 1)})
                 mode = f"{fps:g} fps" if fps else f"count={count}"
-                print(f"{h}p {mode} {dec:6s} {n:4d} frames {best:6.2f}s (cpu {cpu:6.2f}s) "
+                print(f"{label} {mode} {dec:6s} {n:4d} frames {best:6.2f}s (cpu {cpu:6.2f}s) "
                       f"{n / best:7.1f} frames/s {seconds / best:6.1f}x real time", file=sys.stderr)
     result = {
         "bench": "decode",

@@ -412,3 +412,15 @@ async def test_live_http(fmt):
                     break
     idx = [V.index_of(f.image) for f in frames]
     assert idx == list(range(30))
+
+
+async def test_live_resolution_limit_is_not_retried():
+    port = V.free_port()
+    events = []
+    with V.MpegTsSender("tcp", port, n_frames=50, fps=FPS) as snd:
+        with pytest.raises(SourceError) as e:
+            async with open_source(snd.reader_url, max_pixels=100 * 90, on_status=events.append,
+                                   **LIVE):
+                pass
+    assert e.value.code == "resolution_too_large"
+    assert not any(ev["event"] == "reconnecting" for ev in events)
