@@ -375,7 +375,8 @@ async def test_live_udp_mpegts():
             frames = await collect(src, limit=30)
     finally:
         await sender
-        snd.stop()
+        if snd:
+            snd.stop()
     idx = [V.index_of(f.image) for f in frames]
     assert len(idx) == 30 and idx == sorted(set(idx))
 
