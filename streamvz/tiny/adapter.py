@@ -58,7 +58,7 @@ class TinyAdapter(Adapter):
             from safetensors.torch import load_file
 
             self.projector.load_state_dict(load_file(str(projector)))
-        self.projector.to(self.device, self.dtype).eval()
+        self.projector.to(self.device, self.dtype).eval().requires_grad_(False)  # train.py turns it back on
         if tokens_per_frame is not None and not 1 <= tokens_per_frame <= FULL_TOKENS:
             raise ValueError(f"tokens_per_frame must be in 1..{FULL_TOKENS} or None, got {tokens_per_frame}")
         self.method = method if tokens_per_frame not in (None, FULL_TOKENS) else "full"

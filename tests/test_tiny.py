@@ -1,0 +1,269 @@
+"""streamvz-tiny: generator, token reductions, weights cache, and (marked `tiny`) the real model.
+
+Tests marked `tiny` need `make weights` (python -m streamvz.tiny.weights install).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from streamvz.errors import StreamError
+from streamvz.tiny import data, weights
+from streamvz.tiny.model import FULL_TOKENS, METHODS, Features, Projector, preprocess, reduce
+
+# ------------------------------------------------------------------ generator (no weights)
+
+
+def test_scenes_have_unique_shapes_and_colours_and_render():
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        s = data.random_scene(rng, "train")
+        assert 1 <= len(s.objects) <= data.MAX_OBJECTS
+        assert len({o.shape for o in s.objects}) == len(s.objects)
+        assert len({o.colour for o in s.objects}) == len(s.objects)
+        img = data.render(s)
+        assert img.shape == (data.SIZE, data.SIZE, 3) and img.dtype == np.uint8
+        for o in s.objects:  # the object's colour is drawn at its centre (stars: centre is inside)
+            assert np.abs(img[int(o.cy), int(o.cx)].astype(int) - data.COLOURS[o.colour]).max() <= 2
+
+
+def test_questions_agree_with_the_scene():
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        s = data.random_scene(rng, "test")
+        for q, a in data.questions(s, rng, n=10):
+            assert a in data.ANSWERS
+            if q.startswith("How many"):
+                assert a == str(len(s.objects))
+            elif q.startswith("What color is the "):
+                shape = q[len("What color is the "):-1]
+                assert a == next(o.colour for o in s.objects if o.shape == shape)
+            elif q.startswith("Is there a "):
+                colour, shape = q[len("Is there a "):-1].split()
+                assert (a == "yes") == any(o.colour == colour and o.shape == shape for o in s.objects)
+            elif "left or the right" in q:
+                o = next(o for o in s.objects if q.startswith(f"Is the {o.name} "))
+                assert a == ("left" if o.cx < data.SIZE / 2 else "right")
+
+
+def test_train_and_test_backgrounds_never_share_a_photo():
+    assert not set(data.TRAIN_PHOTOS) & set(data.TEST_PHOTOS)
+    rng = np.random.default_rng(3)
+    names = {data.random_background(rng, "test")[1] for _ in range(200)}
+    assert not names & set(data.TRAIN_PHOTOS)
+
+
+def test_patch_labels_mark_the_objects():
+    s = data.Scene(("flat", (90, 90, 90)), (data.Obj("square", "red", 56.0, 56.0, 56.0),))
+    lab = data.patch_labels(s).reshape(16, 16)
+    assert (lab[2:6, 2:6] == 0).all()  # pixels 28..84 are inside the square
+    assert (lab[8:, :] == -1).all() and (lab[:, 8:] == -1).all()
+
+
+def test_long_video_events_at_known_times():
+    v = data.long_video(np.random.default_rng(4), minutes=10, fps=0.2, events=8)
+    assert len(v.scenes) == 120
+    for t, o in v.events:
+        assert v.scenes[int(round(t * v.fps))].objects == (o,)
+    shown = {(o.colour, o.shape) for _, o in v.events}
+    assert len(shown) == 8 and not shown & set(v.absent)
+    assert sum(bool(s.objects) for s in v.scenes) == 8
+
+
+# ------------------------------------------------------------------ reductions (no weights)
+
+
+def _random_features(B=2, N=FULL_TOKENS, D=384, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Features(torch.randn(B, N, D, generator=g), torch.rand(B, N, generator=g), torch.randn(B, N, 64, generator=g))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("k", [64, 32, 16])
+def test_reduce_budgets(method, k):
+    f = _random_features()
+    out = reduce(f, method, k, generator=torch.Generator().manual_seed(0))
+    assert out.shape == ((2, FULL_TOKENS, 384) if method == "full" else (2, k, 384))
+
+
+def test_reduce_semantics():
+    f = _random_features()
+    # top-CLS keeps CLS first and the highest-scored patches, in their original order
+    top = reduce(f, "topcls", 16)
+    want = f.scores[0, 1:].topk(15).indices.sort().values + 1
+    assert torch.equal(top[0, 0], f.hidden[0, 0]) and torch.equal(top[0, 1:], f.hidden[0, want])
+    # VisionZip's dominant part is exactly top-CLS at the dominant budget
+    vz = reduce(f, "visionzip", 64)
+    assert torch.equal(vz[:, :54], reduce(f, "topcls", 54))
+    # uniform pooling preserves the mean of the patch grid
+    assert torch.allclose(reduce(f, "pool", 64).mean(1), f.hidden[:, 1:].mean(1), atol=1e-5)
+    # random drop is reproducible from its generator and keeps CLS
+    a = reduce(f, "random", 32, generator=torch.Generator().manual_seed(7))
+    b = reduce(f, "random", 32, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and torch.equal(a[:, 0], f.hidden[:, 0])
+    with pytest.raises(ValueError, match="unknown reduction"):
+        reduce(f, "nope", 16)
+
+
+def test_preprocess_resizes_and_normalises():
+    frames = np.zeros((2, 100, 150, 3), dtype=np.uint8)
+    x = preprocess(frames)
+    assert x.shape == (2, 3, 224, 224)
+    assert torch.allclose(x[0, 0, 0, 0], torch.tensor(-0.485 / 0.229), atol=1e-4)
+    with pytest.raises(ValueError, match="uint8"):
+        preprocess(np.zeros((1, 8, 8, 3), dtype=np.float32))
+
+
+def test_projector_maps_to_lm_width():
+    assert Projector()(torch.randn(3, 64, 384)).shape == (3, 64, 576)
+
+
+# ------------------------------------------------------------------ weights cache (no weights)
+
+
+def test_cache_dir_respects_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("STREAMVZ_HOME", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert weights.cache_dir() == tmp_path / "xdg" / "streamvz"
+    monkeypatch.setenv("STREAMVZ_HOME", str(tmp_path / "home"))
+    assert weights.cache_dir() == tmp_path / "home"
+    assert weights.model_dir() == tmp_path / "home" / "streamvz-tiny"
+
+
+def test_missing_and_corrupt_installs_raise_stream_errors(tmp_path):
+    with pytest.raises(StreamError) as e:
+        weights.verify(tmp_path)
+    assert e.value.code == "weights_missing" and "make weights" in e.value.message
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(StreamError) as e:
+        weights.verify(tmp_path)
+    assert e.value.code == "weights_corrupt"
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"version": weights.MANIFEST_VERSION, "files": {"lm/model.safetensors": {"size": 1, "sha256": "0"}}}))
+    with pytest.raises(StreamError) as e:
+        weights.verify(tmp_path)
+    assert e.value.code == "weights_corrupt" and "missing" in e.value.message
+
+
+def test_cli_reports_missing_weights(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("STREAMVZ_HOME", str(tmp_path))
+    assert weights.main(["verify"]) == 1
+    assert "weights_missing" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the real model (`make weights`)
+
+tiny = pytest.mark.tiny
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    try:
+        weights.verify(full=False)
+    except StreamError as e:
+        pytest.skip(f"streamvz-tiny not installed: {e.message}")
+    from streamvz.tiny import load_tiny
+
+    torch.manual_seed(0)
+    return load_tiny(tokens_per_frame=64, device="cpu")
+
+
+@tiny
+def test_install_is_a_no_op_when_verified(monkeypatch, adapter):
+    def no_fetch(*a, **k):
+        raise AssertionError("install fetched again although the cache verifies")
+
+    monkeypatch.setattr(weights, "fetch_carriers", no_fetch)
+    assert weights.install(log=lambda m: None) == weights.model_dir()
+
+
+@tiny
+def test_checksum_catches_a_changed_file(tmp_path, adapter):
+    root = weights.model_dir()
+    manifest = json.loads((root / "manifest.json").read_text())
+    for rel in manifest["files"]:  # a copy of the install made of links, with one small file changed
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(root / rel, tmp_path / rel)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    weights.verify(tmp_path, full=True)
+    cfg = tmp_path / "vision" / "config.json"
+    text = cfg.read_text()
+    cfg.unlink()
+    cfg.write_text(text.replace("384", "385", 1)[: len(text)])  # same size, different bytes
+    with pytest.raises(StreamError) as e:
+        weights.verify(tmp_path, full=True)
+    assert e.value.code == "weights_corrupt"
+
+
+@tiny
+def test_encode_frames_shapes_for_every_budget(adapter):
+    frames = np.stack([data.render(data.random_scene(np.random.default_rng(i), "test")) for i in range(2)])
+    assert adapter.encode_frames(frames).shape == (2, 64, 576)
+    feats = adapter.frame_features(frames)
+    assert feats.hidden.shape == (2, FULL_TOKENS, 384)
+    full = adapter.projector(reduce(feats, "full", None))
+    assert full.shape == (2, FULL_TOKENS, 576) and torch.isfinite(full).all()
+
+
+@tiny
+def test_encode_frames_matches_the_shared_visionzip(adapter):
+    from streamvz.visionzip import VisionZip
+
+    frames = data.render(data.random_scene(np.random.default_rng(5), "test"))[None]
+    ours = adapter.encode_frames(frames)
+    ref = VisionZip(54, 10).compress(adapter.vision, preprocess(frames), feature_layer=-2)
+    assert torch.allclose(ours, adapter.projector(ref.tokens), atol=1e-5)
+
+
+@tiny
+def test_converted_dinov2_attends_to_the_objects(adapter):
+    """The CLS query of the converted backbone lands on the shapes (a broken conversion scatters it)."""
+    rng = np.random.default_rng(6)
+    hits = []
+    for _ in range(4):
+        s = data.Scene(("flat", (100, 100, 100)), data.random_objects(rng, 2))
+        f = adapter.frame_features(data.render(s)[None])
+        top = f.scores[0, 1:].topk(10).indices.numpy()
+        hits.append((data.patch_labels(s, min_cover=0.01)[top] >= 0).mean())
+    assert np.mean(hits) >= 0.6
+
+
+@tiny
+def test_chat_pieces_match_the_models_chat_template(adapter):
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q?"}]
+    templ = adapter.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert adapter.chat.system.format("S") + adapter.chat.user.format("Q?") == templ
+    assert adapter.tokenizer.convert_ids_to_tokens(list(adapter.eos_token_ids)) == ["<|im_end|>"]
+
+
+@tiny
+def test_forward_with_cache_equals_one_pass(adapter):
+    from transformers import DynamicCache
+
+    x = adapter.prompt_embeds([adapter.encode_frames(data.render(data.random_scene(np.random.default_rng(7)))[None])[0]],
+                              [1.0], "How many shapes are there?")[None]
+    L = x.shape[1]
+    whole = adapter.forward(x, DynamicCache(config=adapter.model.config), torch.arange(L)[None], logits_to_keep=1)
+    cache = DynamicCache(config=adapter.model.config)
+    adapter.forward(x[:, :-3], cache, torch.arange(L - 3)[None])
+    step = adapter.forward(x[:, -3:], cache, torch.arange(L - 3, L)[None], logits_to_keep=1)
+    assert whole.shape == (1, 1, adapter.model.config.vocab_size)
+    assert torch.allclose(whole, step, atol=1e-3)
+
+
+@tiny
+def test_answers_colour_questions_about_a_frame(adapter):
+    """The trained projector makes the LM see: one big shape on a plain background, asked its colour."""
+    right = 0
+    cases = [("red", "circle"), ("blue", "square"), ("yellow", "star"), ("green", "triangle")]
+    for colour, shape in cases:
+        s = data.Scene(("flat", (110, 110, 110)), (data.Obj(shape, colour, 112.0, 112.0, 70.0),))
+        emb = adapter.encode_frames(data.render(s)[None])[0]
+        (ans,) = adapter.answer([emb], [0.0], [f"What color is the {shape}?"])
+        right += data.normalise(ans) == colour
+    assert right >= 3, f"{right}/4 colours right"
