@@ -267,3 +267,21 @@ def test_answers_colour_questions_about_a_frame(adapter):
         (ans,) = adapter.answer([emb], [0.0], [f"What color is the {shape}?"])
         right += data.normalise(ans) == colour
     assert right >= 3, f"{right}/4 colours right"
+
+
+@tiny
+async def test_engine_streams_the_same_answer_as_the_training_layout(adapter):
+    """The engine builds the sequence the projector was trained on: same greedy answer as TinyAdapter.answer."""
+    from streamvz.engine import Engine
+
+    rng = np.random.default_rng(8)
+    frames = [data.render(data.random_scene(rng, "test")) for _ in range(2)]
+    question = "How many shapes are there?"
+    emb = adapter.encode_frames(np.stack(frames))
+    (expected,) = adapter.answer(list(emb), [0.0, 1.0], [question], max_new_tokens=3)
+    async with Engine(adapter) as engine:
+        s = engine.session()
+        for t, f in enumerate(frames):
+            await s.add_frame(f, t=float(t))
+        got = await s.ask(question, max_new_tokens=3).result()
+    assert got.strip() == expected
