@@ -133,11 +133,11 @@ async def cmd_demo(a) -> int:
 
     media = tempfile.mkdtemp(prefix="streamvz-demo-")
     clip = a.video or os.path.join(media, "sample.mp4")
-    questions = a.ask
+    questions = [(q, None) for q in a.ask]
     if not a.video:
         generated = write_sample(clip, seconds=a.seconds, fps=4)
         questions = questions or generated
-    questions = questions or ["What is in the video?"]
+    questions = questions or [("What is in the video?", None)]
     print(f"demo: clip {clip}; loading {a.model} ...", flush=True)
     t0 = time.perf_counter()
     async with make_engine(a) as engine:
@@ -153,9 +153,14 @@ async def cmd_demo(a) -> int:
                 opened = await chat.open(source=os.path.basename(clip), fps=a.fps)
                 print(f"demo: session {opened['session']} watching {os.path.basename(clip)} at {a.fps:g} fps "
                       "(played in real time)", flush=True)
+                for _ in range(600):  # the first question once a couple of frames are in
+                    if (await chat.status())["frames_in_window"] >= 2:
+                        break
+                    await asyncio.sleep(0.05)
                 interval = a.seconds / (len(questions) + 1)
-                for q in questions:
-                    await asyncio.sleep(interval)  # ask while the clip streams
+                for i, (q, expected) in enumerate(questions):
+                    if i:
+                        await asyncio.sleep(interval)  # ask while the clip streams
                     st = await chat.status()
                     print(f"\n[{st['frames_seen']} frames seen, {st['frames_in_window']} in window, "
                           f"{st['cache_tokens']} cache tokens]\nQ: {q}\nA: ", end="", flush=True)
@@ -164,7 +169,8 @@ async def cmd_demo(a) -> int:
                         print(delta, end="", flush=True)
                     u = answer.usage
                     print(f"\n   ({u['completion_tokens']} tokens, first after {u['ttft_s'] or 0:.2f}s, "
-                          f"{u['tokens_per_s'] or 0:.1f} tok/s, {u['finish_reason']})", flush=True)
+                          f"{u['tokens_per_s'] or 0:.1f} tok/s, {u['finish_reason']})"
+                          + (f"  expected at the end of the clip: {expected}" if expected else ""), flush=True)
                 await chat.close()
         finally:
             stop.set()

@@ -9,8 +9,9 @@ import av
 import numpy as np
 
 
-def write_sample(path: str, seconds: float = 8.0, fps: int = 4, seed: int = 0) -> list[str]:
-    """Write an H.264 mp4 to `path`; return questions that make sense for it."""
+def write_sample(path: str, seconds: float = 8.0, fps: int = 4, seed: int = 0) -> list[tuple[str, str]]:
+    """Write an H.264 mp4 to `path`; return (question, expected answer) pairs for it, phrased
+    as the embedded model was trained. Two shapes drift; the first leaves half way through."""
     from streamvz.tiny.data import moving_clip, render
 
     rng = np.random.default_rng(seed)
@@ -24,7 +25,7 @@ def write_sample(path: str, seconds: float = 8.0, fps: int = 4, seed: int = 0) -
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
-    first = scenes[0].objects
-    questions = ["What colour is the " + first[0].shape + "?", "How many objects are there?"]
-    questions.append(f"Is there a {first[-1].colour} {first[-1].shape}?")
-    return questions
+    stays = scenes[-1].objects[0]
+    return [(f"What color is the {stays.shape}?", stays.colour),
+            (f"Is there a {stays.name}?", "yes"),
+            ("How many shapes are there?", str(len(scenes[-1].objects)))]
