@@ -130,3 +130,22 @@ async def test_serve_command_both_transports(tiny_llava, broker):  # noqa: F811
     finally:
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 30) in (0, 130)
+
+
+@pytest.mark.tiny
+def test_demo_on_the_embedded_model():
+    """`make demo`: the default model (streamvz-tiny), the generated clip, three streamed answers."""
+    from streamvz.errors import StreamError
+    from streamvz.tiny import weights
+
+    try:
+        weights.verify(full=False)
+    except StreamError as e:
+        pytest.skip(f"streamvz-tiny not installed: {e.message}")
+    if not (ROOT / "streamvz" / "tiny" / "assets" / "projector.safetensors").exists():
+        pytest.skip("streamvz-tiny projector not trained yet")
+    r = run_cli("demo", "--seconds", "4", "--max-tokens", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("\nQ: ") == 3 and r.stdout.count("expected at the end of the clip") == 3
+    answers = [line[3:] for line in r.stdout.splitlines() if line.startswith("A: ")]
+    assert len(answers) == 3 and all(a.strip() for a in answers)
