@@ -226,7 +226,10 @@ class Engine:
             errors = [StreamError("internal_error", f"frame encoding failed: {type(e).__name__}: {e}")] * len(batch)
         for (s, f), err in zip(batch, errors):
             if f.done is not None and not f.done.done():
-                f.done.set_exception(err) if err is not None else f.done.set_result(None)
+                if err is None:
+                    f.done.set_result(None)
+                else:
+                    f.done.set_exception(err)
             if s._state.active is None:
                 s._idle.set()
 

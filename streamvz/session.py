@@ -18,7 +18,7 @@ from .errors import StreamError
 _END = object()
 
 
-@dataclass
+@dataclass(eq=False)  # removed from queues by identity (numpy arrays do not compare to bool)
 class Frame:
     image: np.ndarray  # uint8 [H, W, 3]
     t: float
