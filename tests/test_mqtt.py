@@ -171,3 +171,20 @@ async def test_username_password_and_tls(tiny_llava):
     finally:
         srv.stop()
         secure.stop()
+
+
+async def test_idle_sessions_close(tiny_llava, broker):  # noqa: F811
+    srv = ServerThread(tiny_llava, ws=False, broker_port=broker.port, limits=LIMITS,
+                       mqtt_kwargs=dict(idle_s=1.0, prefix="idle")).start()  # own topics: the module's server shares the broker
+    try:
+        async with MqttChat("127.0.0.1", broker.port, session="sleepy", prefix="idle", timeout=30) as chat:
+            await chat.open()
+            await asyncio.sleep(0.6)
+            assert (await chat.status())["frames_seen"] == 0  # activity keeps it open...
+            closed = await chat.expect("closed")  # ...silence closes it
+            assert closed["reason"] == "idle"
+            with pytest.raises(StreamError) as ei:
+                await chat.status()
+            assert ei.value.code == "unknown_session"
+    finally:
+        srv.stop()

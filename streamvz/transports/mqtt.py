@@ -33,9 +33,10 @@ class MqttServer:
 
     def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 1883, prefix: str = "streamvz",
                  username: str | None = None, password: str | None = None, tls: ssl.SSLContext | None = None,
-                 client_id: str | None = None):
+                 client_id: str | None = None, idle_s: float | None = 600.0):
         self.service, self.host, self.port, self.prefix = service, host, port, prefix
         self.username, self.password, self.tls, self.client_id = username, password, tls, client_id
+        self.idle_s = idle_s  # close a session after this long without a message for it (None: never)
         self.client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()  # set while subscribed (tests and the CLI wait on it)
         self.connects = 0
@@ -44,11 +45,26 @@ class MqttServer:
 
     async def __aenter__(self):
         self._task = asyncio.create_task(self.run())
+        self._sweeper = asyncio.create_task(self._sweep()) if self.idle_s else None
         return self
 
     async def __aexit__(self, *exc):
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        pending = {t for t in (self._task, self._sweeper) if t is not None}
+        while pending:
+            # Cancel again if a cancellation got lost: one inside the MQTT client's own waits
+            # (Python 3.11's wait_for can swallow it) would otherwise leave us waiting forever.
+            for t in pending:
+                t.cancel()
+            _, pending = await asyncio.wait(pending, timeout=1.0)
+
+    async def _sweep(self):
+        while True:
+            await asyncio.sleep(max(0.1, self.idle_s / 4))
+            for sid in await self.service.close_idle(self.idle_s, prefix="mqtt:"):
+                try:
+                    await self._sender(f"{self.prefix}/{sid}/events", None)("closed", session=sid, reason="idle")
+                except PeerGone:
+                    pass
 
     async def run(self):
         delay = 0.2
@@ -170,7 +186,7 @@ class MqttServer:
                 self.service.sources.check(msg["source"])
             resumed = sid in self.service.entries
             if resumed:
-                entry = self.service.entries[sid]
+                entry = self.service.get(sid)
             else:
                 events = self._sender(f"{self.prefix}/{sid}/events", None)
                 # Over MQTT the broker's ACLs decide who may publish to a session's topics, so

@@ -43,6 +43,7 @@ class Entry:
     cancelled: set[str] = field(default_factory=set)
     expiry: asyncio.TimerHandle | None = None
     t0: float = field(default_factory=time.monotonic)  # stamps frames that come without `t`
+    last_active: float = field(default_factory=time.monotonic)  # last message from a client
 
     def emit(self, op: str, **fields) -> Awaitable[None] | None:
         return self.send(op, **fields) if self.send is not None else None
@@ -102,7 +103,19 @@ class Service:
         entry = self.entries.get(sid)
         if entry is None:
             raise StreamError("unknown_session", f"no session {sid!r}")
+        entry.last_active = time.monotonic()
         return entry
+
+    async def close_idle(self, idle_s: float, prefix: str = "") -> list[str]:
+        """Close sessions (whose client key starts with `prefix`) that heard nothing from a
+        client for `idle_s` and are not answering: MQTT has no connection whose end says so."""
+        now = time.monotonic()
+        idle = [e for e in self.entries.values()
+                if e.client.startswith(prefix) and not e.asks and now - e.last_active > idle_s]
+        for e in idle:
+            log.info("session %s closed after %.0fs idle", e.id, idle_s)
+            await self.close(e)
+        return [e.id for e in idle]
 
     def detach(self, entry: Entry) -> None:
         """The client went away: stop its answers, keep the session for `grace_s` to resume."""
