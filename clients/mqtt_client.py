@@ -71,8 +71,9 @@ class MqttAnswer:
 class MqttChat:
     def __init__(self, host: str = "127.0.0.1", port: int = 1883, session: str | None = None,
                  prefix: str = "streamvz", username: str | None = None, password: str | None = None,
-                 tls=None, timeout: float = 120):
+                 tls=None, timeout: float = 120, connect_timeout: float = 10):
         self.host, self.port, self.prefix, self.timeout = host, port, prefix, timeout
+        self.connect_timeout = connect_timeout
         self.session = session or secrets.token_urlsafe(9)
         self.username, self.password, self.tls = username, password, tls
         self.me = secrets.token_hex(6)
@@ -86,7 +87,8 @@ class MqttChat:
 
     async def __aenter__(self):
         self.client = aiomqtt.Client(self.host, self.port, username=self.username, password=self.password,
-                                     tls_context=self.tls, protocol=aiomqtt.ProtocolVersion.V5)
+                                     tls_context=self.tls, protocol=aiomqtt.ProtocolVersion.V5,
+                                     timeout=self.connect_timeout)
         await self.client.__aenter__()
         await self.client.subscribe(self.reply_topic, qos=1)
         await self.client.subscribe(self.topic("events"), qos=1)

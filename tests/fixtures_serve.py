@@ -74,9 +74,9 @@ class Broker:
         """A throwaway CA and a server certificate for 127.0.0.1 (openssl CLI)."""
         d = self.dir
         run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)  # noqa: E731
-        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=streamvz test CA",
+        run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=streamvz test CA",
             "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.crt")
-        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", f"{d}/server.key",
+        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", f"{d}/server.key",
             "-out", f"{d}/server.csr")
         with open(f"{d}/ext.cnf", "w") as f:
             f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")

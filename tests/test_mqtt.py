@@ -166,7 +166,8 @@ async def test_username_password_and_tls(tiny_llava):
             async with MqttChat("127.0.0.1", secure.port, session="x", username="svz", password="nope", tls=tls):
                 pass
         with pytest.raises(aiomqtt.MqttError):  # plain TCP to the TLS listener
-            async with MqttChat("127.0.0.1", secure.port, session="x", username="svz", password="s3cret", timeout=5):
+            async with MqttChat("127.0.0.1", secure.port, session="x", username="svz", password="s3cret",
+                                connect_timeout=1):
                 pass
     finally:
         srv.stop()
