@@ -104,6 +104,14 @@ async def test_hostile_messages_get_errors_on_the_events_topic(server, broker): 
             with pytest.raises(StreamError) as ei:
                 await bad.expect("never")
             assert ei.value.code == code, (leaf, payload[:30])
+        frame = protocol.encode_frame(pattern_frame(3))
+        for _ in range(60):  # a flood: 20 frames/s allowed here, the rest dropped with one error
+            await bad._publish("frames", frame, 0)
+        with pytest.raises(StreamError) as ei:
+            await bad.expect("never")
+        assert ei.value.code == "rate_limited"
+        await asyncio.sleep(0.5)
+        assert 15 <= (await bad.status())["frames_seen"] <= 30
         await bad.client.publish("streamvz/bad.dot/control", b'{"op":"open"}', qos=1)  # topic level not an id
         assert await background.result()
         assert (await good.status())["frames_seen"] == 1

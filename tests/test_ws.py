@@ -338,3 +338,22 @@ async def test_server_side_live_http_source(server):
         assert await chat.ask("What did the camera show?", max_tokens=4).result()
         await chat.close()  # stops the reader, which would otherwise reconnect like to a camera
     cam.join(10)
+
+
+async def test_many_clients_stream_at_once(server):
+    chats = [WsChat(server.url) for _ in range(4)]
+    try:
+        for i, c in enumerate(chats):
+            await c.__aenter__()
+            await c.open()
+            await c.push(pattern_frame(10 + i), t=0.0)
+        answers = [c.ask(f"Question {i}?", max_tokens=10) for i, c in enumerate(chats)]
+        texts = await asyncio.gather(*(a.result() for a in answers))
+        assert all(texts)
+        for a in answers:
+            assert a.seqs == list(range(len(a.seqs))) and a.usage["finish_reason"] in ("stop", "length")
+        sessions = {c.session for c in chats}
+        assert len(sessions) == 4
+    finally:
+        for c in chats:
+            await c.__aexit__(None, None, None)
