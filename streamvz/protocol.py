@@ -136,7 +136,9 @@ COMMON = {"op", "v"}
 
 def parse_message(data: str | bytes, limits: Limits = Limits()) -> dict:
     """Text message -> validated dict with `op` and cleaned fields, or StreamError."""
-    if len(data) > limits.max_message_bytes:
+    size = len(data) if isinstance(data, (bytes, bytearray)) or len(data) * 4 <= limits.max_message_bytes \
+        else len(data.encode("utf-8", "surrogatepass"))  # bytes, not characters, are the limit
+    if size > limits.max_message_bytes:
         raise StreamError("message_too_large", f"text messages are limited to {limits.max_message_bytes} bytes")
     try:
         if isinstance(data, (bytes, bytearray)):

@@ -49,6 +49,7 @@ def code_of(fn, *a):
     ('{"op": "cancel"}', "missing_field"),
     ("[" * 100000, "message_too_large"),
     ('{"op": "status", "pad": "' + "x" * 2000 + '"}', "message_too_large"),
+    ('{"op": "ask", "id": "a", "text": "' + "\u00e9" * 600 + '"}', "message_too_large"),  # 600 chars, 1200 bytes
 ])
 def test_bad_messages(raw, code):
     assert code_of(parse_message, raw, LIM) == code

@@ -48,6 +48,10 @@ function onMessage(m) {
       log("meta", `${u.completion_tokens ?? u.deltas} tokens, first after ${fmt(u.ttft_s)} s, ${fmt(u.tokens_per_s)} tok/s, ${u.finish_reason || ""}`);
       break;
     }
+    case "closed":
+      svz.session = null;
+      $("status").textContent = `session ${m.session} closed`;
+      break;
     case "status":
       $("status").textContent = `session ${m.session}: ${m.frames_seen} frames seen, ${m.frames_in_window} in window, ${m.frames_dropped} dropped` + (m.event ? ` (${m.event})` : "");
       break;
