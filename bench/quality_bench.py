@@ -107,7 +107,7 @@ def held_out(adapter, scenes: int, per_scene: int, settings: list[tuple[str, int
 
 
 def kind_of(q: str) -> str:
-    for prefix, kind in (("What colo", "colour"), ("What shape", "shape"), ("How many", "count"),
+    for prefix, kind in (("What color", "colour"), ("What shape", "shape"), ("How many", "count"),
                          ("Is there", "present"), ("Is the", "position")):
         if q.startswith(prefix):
             return kind

@@ -40,8 +40,8 @@ def test_questions_agree_with_the_scene():
             assert a in data.ANSWERS
             if q.startswith("How many"):
                 assert a == str(len(s.objects))
-            elif q.startswith(("What color is the ", "What colour is the ")):
-                shape = q.split(" is the ")[1][:-1]
+            elif q.startswith("What color is the "):
+                shape = q[len("What color is the "):-1]
                 assert a == next(o.colour for o in s.objects if o.shape == shape)
             elif q.startswith("Is there a "):
                 colour, shape = q[len("Is there a "):-1].split()

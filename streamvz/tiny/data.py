@@ -211,12 +211,9 @@ def _absent(rng, scene: Scene) -> tuple[str, str]:
 def questions(scene: Scene, rng: np.random.Generator, n: int = 4) -> list[tuple[str, str]]:
     """Up to n distinct (question, answer) pairs about one scene, kinds mixed at random."""
     objs = scene.objects
-    # A few wordings (US/UK spelling, "objects"/"shapes") so clients need not match one template.
-    many = ("How many shapes are there?", "How many objects are there?")[int(rng.integers(2))]
-    color = ("color", "colour")[int(rng.integers(2))]
-    pool: list[tuple[str, str]] = [(many, str(len(objs)))]
+    pool: list[tuple[str, str]] = [("How many shapes are there?", str(len(objs)))]
     for o in objs:
-        pool.append((f"What {color} is the {o.shape}?", o.colour))
+        pool.append((f"What color is the {o.shape}?", o.colour))
         pool.append((f"What shape is the {o.colour} object?", o.shape))
         pool.append((f"Is there a {o.name}?", "yes"))
         if abs(o.cx - SIZE / 2) > 24:
