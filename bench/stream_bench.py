@@ -140,11 +140,12 @@ async def bench_ingest(path, args, frames):
         engine = Engine(path, device=args.device, dtype=args.dtype, tokens_per_frame=tokens)
         engine.adapter = probe = Probe(engine.adapter)
         s = engine.session()
-        await s.add_frame(frames[0], t=0.0)  # warm up (and the system prompt)
+        for i in range(2):  # warm up (and the system prompt)
+            await s.add_frame(frames[i], t=float(i))
         probe.vision_s.clear()
         probe.lm_s.clear()
         times = []
-        for i in range(1, args.repeats + 1):
+        for i in range(2, args.repeats + 2):
             t0 = time.perf_counter()
             await s.add_frame(frames[i], t=float(i))
             times.append(time.perf_counter() - t0)
@@ -223,7 +224,7 @@ def main():
     p.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 60])
     p.add_argument("--asks", type=int, default=3, help="questions per checkpoint (median TTFT)")
     p.add_argument("--pool", type=int, default=8, help="distinct frames encoded for real in the long run")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9, help="frames timed per ingest setting (median)")
     p.add_argument("--checkpoint", default=None, help="where the random checkpoint is saved (reused)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -231,7 +232,7 @@ def main():
     lm = args.lm or ("7b" if gpu else "small")
     tower = args.tower or ("vit-l" if gpu else "small")
     path = build_checkpoint(args.checkpoint or f"/tmp/streamvz_bench_llava_{tower}_{lm}", lm, tower)
-    frames = video(max(args.pool, args.repeats + 1))
+    frames = video(max(args.pool, args.repeats + 2))
     print(f"Stream bench on {args.device}: {tower} CLIP tower (336 px, 576 patches) + {lm} Llama ({LMS[lm]}), "
           f"window {args.window} frames", flush=True)
     ingest = asyncio.run(bench_ingest(path, args, frames))
