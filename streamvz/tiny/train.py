@@ -217,6 +217,8 @@ def main(argv=None) -> int:
         "align_seconds": round(t1 - t_align),
         "torch": torch.__version__,
     }
+    if args.resume and args.resume.with_suffix(".json").exists():  # keep the whole recipe reproducible
+        meta["resumed_from"] = json.loads(args.resume.with_suffix(".json").read_text())
     args.out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
     print(f"saved {args.out} ({meta})")
     return 0
