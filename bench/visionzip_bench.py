@@ -23,7 +23,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaMo
 sys.path.insert(0, os.path.dirname(__file__))
 from common import compare, machine, machine_name, table, write_json  # noqa: E402
 
-from streamvz.visionzip import VisionZip, cls_scores, select  # noqa: E402
+from streamvz.compress import VisionZip, cls_scores, select  # noqa: E402
 
 VIT_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                  image_size=336, patch_size=14, projection_dim=768)

@@ -1,7 +1,8 @@
 """streamvz: streaming video assistant with VisionZip-compressed frames in a rolling KV cache."""
 from .errors import StreamError
+from .compress import VisionZip
+from .dropin import remove_visionzip, visionzip
 from .engine import Engine
-from .visionzip import VisionZip
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "VisionZip", "StreamError", "__version__"]
+__all__ = ["Engine", "VisionZip", "StreamError", "visionzip", "remove_visionzip", "__version__"]

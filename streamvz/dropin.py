@@ -31,7 +31,7 @@ import itertools
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .visionzip import VisionZip, tower_info
+from .compress import VisionZip, tower_info
 
 _ATTR = "_streamvz_visionzip"
 SUPPORTED = (

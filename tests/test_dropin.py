@@ -13,7 +13,7 @@ from test_families import Q1, SYSTEM, conversation_ids, cpu_adapter, feed, frame
 from tiny_families import checkpoint, load_processor
 
 FAMILIES = ["llava_next_video", "llava_onevision", "qwen2_5_vl"]
-BUDGET = 12  # streamvz.visionzip.split(12) == (10, 2)
+BUDGET = 12  # streamvz.compress.split(12) == (10, 2)
 
 
 def pixel_inputs(ad, family, imgs):
@@ -167,7 +167,7 @@ def test_qwen_rope_index_leaves_videos_and_text_as_the_model_has_them():
 def test_anyres_images_compress_every_crop(family):
     """LLaVA-NeXT-style images: processor and model agree on crops x budget + 1 newline rows; the
     rows are VisionZip of each crop; generate runs; removal restores the original output."""
-    from streamvz.visionzip import VisionZip
+    from streamvz.compress import VisionZip
 
     path = checkpoint(family)
     model = AutoModelForImageTextToText.from_pretrained(path).eval()

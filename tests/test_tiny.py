@@ -212,7 +212,7 @@ def test_encode_frames_shapes_for_every_budget(adapter):
 
 @tiny
 def test_encode_frames_matches_the_shared_visionzip(adapter):
-    from streamvz.visionzip import VisionZip
+    from streamvz.compress import VisionZip
 
     frames = data.render(data.random_scene(np.random.default_rng(5), "test"))[None]
     ours = adapter.encode_frames(frames)

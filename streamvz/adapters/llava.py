@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from ..visionzip import VisionZip, split
+from ..compress import VisionZip, split
 from .base import Adapter, ChatFormat
 from .frames import as_frame_list
 

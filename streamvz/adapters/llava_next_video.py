@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoTokenizer, LlavaNextVideoForConditionalGeneration
 
-from ..visionzip import VisionZip, split
+from ..compress import VisionZip, split
 from .base import Adapter, ChatFormat
 from .frames import as_frame_list
 from .llava import DEFAULT_SYSTEM, LLAVA_CHAT, pick_device, pick_dtype

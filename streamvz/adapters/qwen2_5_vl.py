@@ -20,7 +20,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditi
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_window_index
 
-from ..visionzip import VisionZip, received_scores, select, split
+from ..compress import VisionZip, received_scores, select, split
 from .base import Adapter
 from .frames import as_frame_list
 from .llava import pick_device, pick_dtype

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..visionzip import cls_scores, scoring_layer_index, select, split
+from ..compress import cls_scores, scoring_layer_index, select, split
 from .weights import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD
 
 FEATURE_LAYER = -2  # LLaVA's choice: the second-to-last encoder layer's output

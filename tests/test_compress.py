@@ -8,7 +8,7 @@ from torch.overrides import TorchFunctionMode
 from transformers import CLIPVisionModel, Dinov2Model, LlavaForConditionalGeneration, SiglipVisionModel
 
 from streamvz import VisionZip
-from streamvz.visionzip import split
+from streamvz.compress import split
 from tiny_models import tiny_clip_config, tiny_dinov2_config, tiny_siglip_config
 
 TOWERS = {
