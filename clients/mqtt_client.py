@@ -110,7 +110,7 @@ class MqttChat:
     async def _publish(self, leaf: str, payload: bytes, qos: int, correlation: str | None = None,
                        user: list[tuple[str, str]] | None = None):
         props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = self.reply_topic if correlation else self.topic(f"events")
+        props.ResponseTopic = self.reply_topic if correlation else self.topic("events")
         if correlation:
             props.CorrelationData = correlation.encode()
         if user:

@@ -107,7 +107,7 @@ def test_fast_path_keeps_sdpa_and_computes_no_attention_matrix(tmp_path, kind):
     n_layers = tower.config.num_hidden_layers
     pv = torch.randn(2, 3, 112, 112)
     with OpCounter() as ops:
-        out = VisionZip(54, 10).compress(tower, pv)
+        VisionZip(54, 10).compress(tower, pv)
     assert tower.config._attn_implementation == "sdpa"
     assert ops.sdpa == n_layers  # every layer, the scoring one included, ran fused attention
     N = (112 // 14) ** 2 + 1

@@ -55,6 +55,24 @@ class Adapter:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, L, D]
         return self.model.get_input_embeddings()(ids.to(self.device))
 
-    def forward(self, inputs_embeds, cache, position_ids) -> torch.Tensor:
-        """One language-model step over new embeddings, appending to `cache`; returns logits."""
-        raise NotImplementedError
+    @torch.inference_mode()
+    def forward(self, inputs_embeds, cache, position_ids, logits_to_keep: int = 1) -> torch.Tensor:
+        """One language-model step over new embeddings, appending to `cache`; returns logits.
+
+        Every transformers family we wrap takes inputs_embeds + explicit position ids (the
+        engine owns positions, since the cache's length stops matching them after eviction).
+        """
+        out = self.model(
+            inputs_embeds=inputs_embeds.to(self.device, self.dtype), past_key_values=cache,
+            position_ids=position_ids.to(self.device), use_cache=True, logits_to_keep=logits_to_keep,
+        )
+        return out.logits
+
+
+def eos_ids(model, tokenizer) -> tuple[int, ...]:
+    """The ids that end an answer: the generation config's (one or a list) plus the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    eos = list(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    return tuple(eos)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from ..compress import VisionZip, split
-from .base import Adapter, ChatFormat
+from .base import Adapter, ChatFormat, eos_ids
 from .frames import as_frame_list
 
 # LLaVA-1.5's conversation format (vicuna v1): "<system> USER: <image>\n<q> ASSISTANT: <a></s>"
@@ -55,8 +55,7 @@ class LlavaAdapter(Adapter):
         self.tokens_per_frame = tokens_per_frame or self.full_tokens
         text_cfg = cfg.text_config
         self.max_position_embeddings = text_cfg.max_position_embeddings
-        eos = self.model.generation_config.eos_token_id or text_cfg.eos_token_id
-        self.eos_token_ids = tuple(eos if isinstance(eos, (list, tuple)) else [eos])
+        self.eos_token_ids = eos_ids(self.model, self.tokenizer)
 
     def _full_tokens(self) -> int:
         vc = self.model.config.vision_config
@@ -79,10 +78,3 @@ class LlavaAdapter(Adapter):
         zipped = self.vz.compress(self.tower, pv, feature_layer=self.feature_layer)
         return self.model.model.multi_modal_projector(zipped.tokens)
 
-    @torch.inference_mode()
-    def forward(self, inputs_embeds, cache, position_ids, logits_to_keep: int = 1) -> torch.Tensor:
-        out = self.model(
-            inputs_embeds=inputs_embeds.to(self.device, self.dtype), past_key_values=cache,
-            position_ids=position_ids.to(self.device), use_cache=True, logits_to_keep=logits_to_keep,
-        )
-        return out.logits

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoTokenizer, LlavaNextVideoForConditionalGeneration
 
 from ..compress import VisionZip, split
-from .base import Adapter, ChatFormat
+from .base import Adapter, ChatFormat, eos_ids
 from .frames import as_frame_list
 from .llava import DEFAULT_SYSTEM, LLAVA_CHAT, pick_device, pick_dtype
 
@@ -63,11 +63,7 @@ class FrameAdapter(Adapter):
             self.vz = VisionZip(*split(tokens_per_frame), merge=merge)
         text_cfg = cfg.get_text_config()
         self.max_position_embeddings = text_cfg.max_position_embeddings
-        eos = self.model.generation_config.eos_token_id
-        eos = list(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
-            eos.append(self.tokenizer.eos_token_id)
-        self.eos_token_ids = tuple(eos)
+        self.eos_token_ids = eos_ids(self.model, self.tokenizer)
 
     # -- preprocessing: uint8 frames -> normalised [T, 3, S, S] on the device -------------------
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,13 +94,6 @@ class FrameAdapter(Adapter):
         self.last_indices = zipped.indices
         return self.model.model.multi_modal_projector(zipped.tokens)
 
-    @torch.inference_mode()
-    def forward(self, inputs_embeds, cache, position_ids, logits_to_keep: int = 1) -> torch.Tensor:
-        out = self.model(
-            inputs_embeds=inputs_embeds.to(self.device, self.dtype), past_key_values=cache,
-            position_ids=position_ids.to(self.device), use_cache=True, logits_to_keep=logits_to_keep,
-        )
-        return out.logits
 
 
 class LlavaNextVideoAdapter(FrameAdapter):

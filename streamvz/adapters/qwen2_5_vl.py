@@ -21,7 +21,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_
 from transformers.vision_utils import get_vision_window_index
 
 from ..compress import VisionZip, received_scores, select, split
-from .base import Adapter
+from .base import Adapter, eos_ids
 from .frames import as_frame_list
 from .llava import pick_device, pick_dtype
 from .onevision import CHATML
@@ -165,11 +165,7 @@ class Qwen2_5_VLAdapter(Adapter):
         self.tokens_per_frame = tokens_per_frame or size["longest_edge"] // (vc.patch_size * self.merge) ** 2
         text_cfg = self.model.config.get_text_config()
         self.max_position_embeddings = text_cfg.max_position_embeddings
-        eos = self.model.generation_config.eos_token_id
-        eos = list(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
-            eos.append(self.tokenizer.eos_token_id)
-        self.eos_token_ids = tuple(eos)
+        self.eos_token_ids = eos_ids(self.model, self.tokenizer)
         self.last_indices = None
 
     def pixel_values(self, frames) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,13 +95,6 @@ class TinyAdapter(Adapter):
     def embed_ids(self, ids: list[int]) -> torch.Tensor:
         return self.model.get_input_embeddings()(torch.tensor(ids, dtype=torch.long, device=self.device))
 
-    @torch.inference_mode()
-    def forward(self, inputs_embeds, cache, position_ids, logits_to_keep: int = 1) -> torch.Tensor:
-        out = self.model(
-            inputs_embeds=inputs_embeds.to(self.device, self.dtype), past_key_values=cache,
-            position_ids=position_ids.to(self.device), use_cache=True, logits_to_keep=logits_to_keep,
-        )
-        return out.logits
 
     @torch.inference_mode()
     def answer(self, frame_embeds: list[torch.Tensor], times: list[float], questions: list[str],
