@@ -26,7 +26,8 @@ SUITES = {
     "visionzip": ("visionzip_bench.py", ["--batch", "2", "--lm-layers", "2", "--repeats", "3"],
                   ["--batch", "1", "8", "32", "--lm-layers", "32", "--repeats", "10"]),
     "decode": ("decode_bench.py", ["--seconds", "10", "--repeat", "1"], ["--seconds", "20"]),
-    "stream": ("stream_bench.py", [], ["--lm", "7b"]),
+    "ingest": ("ingest_bench.py", ["--frames", "12"], ["--frames", "64", "--sessions", "1", "4", "8", "16"]),
+    "stream": ("stream_bench.py", ["--asks", "2", "--repeats", "3"], ["--lm", "7b"]),
     "serve": ("serve_bench.py", [], []),
     "quality": ("quality_bench.py", [], []),
 }
@@ -34,8 +35,12 @@ SUITES = {
 
 def run_suite(name, script, extra, device, tmp) -> dict:
     out = os.path.join(tmp, f"{name}.json")
-    cmd = [sys.executable, os.path.join(HERE, script), "--out", out, *extra]
-    if name in ("visionzip", "stream"):
+    if name == "quality":  # writes quality.json/.md/.png into a folder: keep them (the plot) in results/
+        cmd = [sys.executable, os.path.join(HERE, script), "--out", RESULTS, *extra]
+        out = os.path.join(RESULTS, "quality.json")
+    else:
+        cmd = [sys.executable, os.path.join(HERE, script), "--out", out, *extra]
+    if name in ("visionzip", "stream", "ingest"):
         cmd += ["--device", device]
     print(f"\n### {name}: {' '.join(cmd[1:])}", flush=True)
     t = time.time()
