@@ -1,6 +1,7 @@
 """Train streamvz-tiny's projector (DINOv2-S and SmolLM2 frozen) on generated scenes.
 
-    python -m streamvz.tiny.train --seed 0          # writes streamvz/tiny/assets/projector.*
+    python -m streamvz.tiny.train recipe            # the committed projector, all rounds (RECIPE)
+    python -m streamvz.tiny.train --seed 0 --steps 60   # one round; writes streamvz/tiny/assets/projector.*
 
 Cheap enough for a 2-core CPU because nothing but the 0.55M-parameter MLP learns:
   * DINOv2 runs once per training image; its feature-layer states, CLS scores and keys
@@ -152,7 +153,29 @@ def loss_on(adapter: TinyAdapter, batch) -> tuple[torch.Tensor, float]:
     return loss, acc
 
 
+# How the committed projector was made (python -m streamvz.tiny.train recipe): stage 1 + 60 LM
+# steps, then two resumed rounds on fresh scenes (new seeds), as CPU time allowed on the day.
+RECIPE = (
+    "--seed 0 --images 384 --align-steps 300 --steps 60 --out {tmp}/round1.safetensors",
+    "--seed 1 --images 384 --align-steps 0 --steps 80 --resume {tmp}/round1.safetensors --out {tmp}/round2.safetensors",
+    "--seed 2 --images 256 --align-steps 0 --steps 120 --resume {tmp}/round2.safetensors --out {out}",
+)
+
+
+def recipe(out: Path = PROJECTOR) -> int:
+    tmp = cache_dir() / "train"
+    tmp.mkdir(parents=True, exist_ok=True)
+    for line in RECIPE:
+        code = main(line.format(tmp=tmp, out=out).split())
+        if code:
+            return code
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["recipe"]:
+        return recipe()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--images", type=int, default=1024, help="distinct training scenes")
@@ -208,7 +231,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in projector.state_dict().items()}, str(args.out))
     meta = {
-        "command": "python -m streamvz.tiny.train " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m streamvz.tiny.train " + " ".join(argv),
         "args": {k: str(v) for k, v in vars(args).items()},
         "final_loss": float(np.mean([h[0] for h in hist[-20:]])),
         "final_answer_token_acc": float(np.mean([h[1] for h in hist[-20:]])),
