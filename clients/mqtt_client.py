@@ -22,50 +22,9 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from clients.answer import Answer
 from streamvz import protocol
 from streamvz.errors import StreamError
-
-
-class MqttAnswer:
-    def __init__(self, chat: "MqttChat", rid: str):
-        self.chat, self.id = chat, rid
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.usage: dict | None = None
-        self.text = ""
-        self.seqs: list[int] = []
-        self._held: dict[int, dict] = {}  # deltas that overtook an earlier one (QoS 0 has no such promise
-        # across reconnects); released in seq order
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> str:
-        while True:
-            expected = len(self.seqs)
-            if expected in self._held:
-                msg = self._held.pop(expected)
-            else:
-                msg = await asyncio.wait_for(self.queue.get(), self.chat.timeout)
-            if msg["op"] == "token":
-                if msg["seq"] != expected:
-                    self._held[msg["seq"]] = msg
-                    continue
-                self.seqs.append(msg["seq"])
-                self.text += msg["text"]
-                return msg["text"]
-            self.chat._answers.pop(self.id, None)
-            if msg["op"] == "done":
-                self.usage = msg["usage"]
-                raise StopAsyncIteration
-            raise StreamError(msg["code"], msg["message"])
-
-    async def cancel(self):
-        await self.chat.control(op="cancel", id=self.id)
-
-    async def result(self) -> str:
-        async for _ in self:
-            pass
-        return self.text
 
 
 class MqttChat:
@@ -79,7 +38,7 @@ class MqttChat:
         self.me = secrets.token_hex(6)
         self.reply_topic = f"{prefix}/{self.session}/answers/{self.me}"
         self.events: asyncio.Queue = asyncio.Queue()
-        self._answers: dict[str, MqttAnswer] = {}
+        self._answers: dict[str, Answer] = {}
         self._n = 0
 
     def topic(self, leaf: str) -> str:
@@ -125,6 +84,9 @@ class MqttChat:
             if msg["op"] in ops:
                 return msg
 
+    async def _cancel(self, rid: str):
+        await self.control(op="cancel", id=rid)
+
     async def control(self, **msg):
         await self._publish("control", json.dumps({"v": protocol.VERSION, **msg}).encode(), 1)
 
@@ -137,10 +99,10 @@ class MqttChat:
         user = [("t", repr(float(t)))] if t is not None else None
         await self._publish("frames", protocol.encode_frame(image), 0, user=user)
 
-    def ask(self, text: str, max_tokens: int = 128, **kw) -> MqttAnswer:
+    def ask(self, text: str, max_tokens: int = 128, **kw) -> Answer:
         self._n += 1
         rid = f"{self.me}-{self._n}"
-        answer = self._answers[rid] = MqttAnswer(self, rid)
+        answer = self._answers[rid] = Answer(self, rid, reorder=True)
         body = json.dumps({"v": protocol.VERSION, "op": "ask", "id": rid, "text": text, "max_tokens": max_tokens, **kw})
         asyncio.ensure_future(self._publish("ask", body.encode(), 1, correlation=rid))
         return answer

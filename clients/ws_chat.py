@@ -21,42 +21,9 @@ import sys
 
 import websockets
 
+from clients.answer import Answer
 from streamvz import protocol
 from streamvz.errors import StreamError
-
-
-class Answer:
-    """Deltas of one ask, in `seq` order; `usage` once done. Raises StreamError on an `error`."""
-
-    def __init__(self, chat: "WsChat", rid: str):
-        self.chat, self.id = chat, rid
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.usage: dict | None = None
-        self.text = ""
-        self.seqs: list[int] = []
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> str:
-        msg = await self.queue.get()
-        if msg["op"] == "token":
-            self.seqs.append(msg["seq"])
-            self.text += msg["text"]
-            return msg["text"]
-        self.chat._answers.pop(self.id, None)
-        if msg["op"] == "done":
-            self.usage = msg["usage"]
-            raise StopAsyncIteration
-        raise StreamError(msg["code"], msg["message"])
-
-    async def cancel(self):
-        await self.chat.send(op="cancel", id=self.id)
-
-    async def result(self) -> str:
-        async for _ in self:
-            pass
-        return self.text
 
 
 class WsChat:
@@ -68,6 +35,7 @@ class WsChat:
         self._answers: dict[str, Answer] = {}
         self._n = 0
         self._reader = None
+        self.timeout: float | None = None  # an answer waits as long as the connection lives
 
     async def __aenter__(self):
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
@@ -93,6 +61,9 @@ class WsChat:
             for a in self._answers.values():
                 a.queue.put_nowait(gone)
             self.events.put_nowait(gone)
+
+    async def _cancel(self, rid: str):
+        await self.send(op="cancel", id=rid)
 
     async def send(self, **msg):
         await self.ws.send(json.dumps({"v": protocol.VERSION, **msg}))

@@ -1,0 +1,55 @@
+"""One answer as a client sees it, over either transport: text deltas, then `usage` or an error."""
+from __future__ import annotations
+
+import asyncio
+
+from streamvz.errors import StreamError
+
+
+class Answer:
+    """Deltas of one ask, in `seq` order; `usage` once done. Raises StreamError on an `error`.
+
+    `chat` provides `_answers` (rid -> Answer), `timeout` (seconds per message or None) and
+    `_cancel(rid)`. With `reorder`, deltas that overtake an earlier one are held and released
+    in seq order (MQTT QoS 0 makes no ordering promise across reconnects); a websocket is
+    ordered, so its client takes deltas as they come and `seqs` shows what the server sent.
+    """
+
+    def __init__(self, chat, rid: str, reorder: bool = False):
+        self.chat, self.id, self.reorder = chat, rid, reorder
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.usage: dict | None = None
+        self.text = ""
+        self.seqs: list[int] = []
+        self._held: dict[int, dict] = {}
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> str:
+        while True:
+            expected = len(self.seqs)
+            if expected in self._held:
+                msg = self._held.pop(expected)
+            else:
+                msg = await asyncio.wait_for(self.queue.get(), self.chat.timeout)
+            if msg["op"] == "token":
+                if self.reorder and msg["seq"] != expected:
+                    self._held[msg["seq"]] = msg
+                    continue
+                self.seqs.append(msg["seq"])
+                self.text += msg["text"]
+                return msg["text"]
+            self.chat._answers.pop(self.id, None)
+            if msg["op"] == "done":
+                self.usage = msg["usage"]
+                raise StopAsyncIteration
+            raise StreamError(msg["code"], msg["message"])
+
+    async def cancel(self):
+        await self.chat._cancel(self.id)
+
+    async def result(self) -> str:
+        async for _ in self:
+            pass
+        return self.text
