@@ -188,3 +188,32 @@ def test_llava_adapter_compressed(tiny_llava):
         load_adapter(tiny_llava, tokens_per_frame=64)  # the tiny tower has 37 tokens
     with pytest.raises(ValueError, match="uint8"):
         adapter.encode_frames(frames.astype(np.float32))
+
+
+def test_load_adapter_errors(tmp_path, tiny_llava):
+    import json
+
+    from streamvz.adapters import load_adapter
+    from streamvz.errors import StreamError
+
+    with pytest.raises(StreamError) as e:
+        load_adapter(str(tmp_path))  # a directory without config.json
+    assert e.value.code == "model_not_found" and "config.json" in e.value.message
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(StreamError) as e:
+        load_adapter(str(tmp_path))
+    assert e.value.code == "unsupported_model" and "'bert'" in e.value.message and "llava" in e.value.message
+
+
+def test_adapter_rejects_badly_shaped_frames(tiny_llava):
+    from streamvz.adapters import load_adapter
+
+    adapter = load_adapter(tiny_llava, tokens_per_frame=16)
+    with pytest.raises(ValueError, match=r"\[T,H,W,3\]"):
+        adapter.encode_frames(np.zeros((2, 2, 8, 8, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"uint8 \[H,W,3\]"):
+        adapter.encode_frames(np.zeros((2, 8, 8, 4), dtype=np.uint8))  # RGBA
+    with pytest.raises(ValueError, match="no frames"):
+        adapter.encode_frames([])
+    with pytest.raises(ValueError, match="dominant >= 0"):
+        VisionZip(-1, 10)
