@@ -5,6 +5,8 @@ projector + prefill before it returns), all sessions at once, so the engine batc
 across sessions. The sustained rate is frames / wall time: a live source at or below it
 never drops. Rows for VisionZip tokens and full tokens, on the embedded default model
 (streamvz-tiny: DINOv2-S + SmolLM2-135M) unless --model names another checkpoint.
+A second table is the backlog rate (all of a session's frames queued at once, as in a file
+job or a live source that fell behind) with one frame per LM prefill vs groups of 8.
 
     python bench/ingest_bench.py
     python bench/ingest_bench.py --model path/to/llava --device cuda --sessions 1 4 8 16
@@ -50,6 +52,20 @@ async def sustained(engine: Engine, n_sessions: int, n_frames: int) -> float:
     return n_frames / took
 
 
+async def backlog(engine: Engine, n_frames: int) -> float:
+    """Frames per second through one session whose frames are all queued at once (a file job,
+    or a live source that fell behind): the engine prefills them in groups."""
+    s = engine.session(session_id=f"backlog-{time.monotonic_ns()}")
+    await s.add_frame(frames(1)[0], t=0.0)  # warm up
+    t = time.perf_counter()
+    for i, f in enumerate(frames(n_frames)):
+        s.submit_frame(f, t=1.0 + i)
+    await s.ask("ok?", max_new_tokens=1).result()  # answered once every queued frame is in
+    took = time.perf_counter() - t
+    await s.close()
+    return n_frames / took
+
+
 async def run(args) -> list[dict]:
     rows = []
     for tokens in args.tokens:
@@ -66,6 +82,25 @@ async def run(args) -> list[dict]:
                 print(f"  {tokens or 'full'} tokens, {n} sessions: {fps:.2f} fps/session", flush=True)
         finally:
             await engine.aclose()
+    return rows
+
+
+async def run_backlog(args) -> list[dict]:
+    """Grouped prefill (the default, up to 8 frames per LM call) against one frame per call,
+    interleaved on the same engine so both see the same machine."""
+    engine = Engine(model=args.model, device=args.device, tokens_per_frame=args.tokens[0] or None,
+                    window_frames=args.window, max_batch_frames=8, max_backlog_frames=args.frames)
+    best = {}
+    try:
+        engine.adapter.encode_frames(np.stack(frames(8)))
+        for _ in range(args.repeats):
+            for group in (1, 8):
+                engine.max_prefill_frames = group
+                best[group] = max(best.get(group, 0.0), await backlog(engine, args.frames))
+    finally:
+        await engine.aclose()
+    rows = [{"tokens_per_frame": engine.adapter.tokens_per_frame, "frames_per_prefill": g, "backlog_fps": fps,
+             "speedup": fps / best[1]} for g, fps in best.items()]
     return rows
 
 
@@ -90,6 +125,7 @@ def main():
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--frames", type=int, default=16, help="frames per session")
     p.add_argument("--window", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds of the backlog comparison")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -99,8 +135,11 @@ def main():
     print(f"Ingest bench: {args.model} on {device}", flush=True)
     rows = asyncio.run(run(args))
     print(table(rows, ["tokens_per_frame", "sessions", "fps_per_session", "fps_total"]))
+    print("\nBacklog: one session's queued frames, prefilled one per LM call vs in groups of 8:")
+    backlog_rows = asyncio.run(run_backlog(args))
+    print(table(backlog_rows, ["tokens_per_frame", "frames_per_prefill", "backlog_fps", "speedup"]))
     path = write_json(f"ingest-{machine_name(device)}", {"machine": machine(device), "model": args.model,
-                                                          "rows": rows}, args.out)
+                                                          "rows": rows, "backlog_rows": backlog_rows}, args.out)
     print(f"\nwrote {path}")
 
 

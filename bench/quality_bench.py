@@ -96,7 +96,7 @@ def held_out(adapter, scenes: int, per_scene: int, settings: list[tuple[str, int
                 for (q, a), p in zip(qa, ans):
                     ok = data.normalise(p) == a
                     right += ok
-                    kinds.setdefault(kind_of(q), []).append(ok)
+                    kinds.setdefault(data.kind_of(q), []).append(ok)
         total = scenes * per_scene
         name = f"{method}@{k or FULL_TOKENS}"
         results[name] = {"method": method, "tokens": k or FULL_TOKENS, "accuracy": right / total, "n": total,
@@ -104,14 +104,6 @@ def held_out(adapter, scenes: int, per_scene: int, settings: list[tuple[str, int
                          "seconds": round(time.time() - t0, 1)}
         log(f"{name:16s} exact match {right / total:.3f}  ({time.time() - t0:.0f}s)")
     return results
-
-
-def kind_of(q: str) -> str:
-    for prefix, kind in (("What color", "colour"), ("What shape", "shape"), ("How many", "count"),
-                         ("Is there", "present"), ("Is the", "position")):
-        if q.startswith(prefix):
-            return kind
-    return "other"
 
 
 def long_recall(adapter, cache_budget: int, settings: list[tuple[str, int | None]], log, minutes: float = 10.0,

@@ -5,7 +5,8 @@ Side by side, same weights, same batch:
   streamvz   our VisionZip: the same tower + hooked q/k scoring + selection
   reference  the published approach: eager attention with output_attentions in all layers
   prefill    a 7B-shaped Llama layer stack (4096 hidden, 32 heads, 11008 MLP; --lm-layers of
-             them) over 576 vs 64 visual tokens
+             them) over 1 and 4 frames at 576/196/144 (full tokens of LLaVA-1.5 and smaller
+             towers) vs 64/32 visual tokens per frame
 
     python bench/visionzip_bench.py                 # CPU defaults
     python bench/visionzip_bench.py --device cuda --batch 1 8 32 --lm-layers 32 --dtype bfloat16
@@ -75,18 +76,20 @@ def bench_tower(args, device, dtype):
 
 
 def bench_prefill(args, device, dtype):
+    """Prefill of `frames` frames at each per-frame token count, all in one interleaved comparison.
+    One frame is bound by reading the weights (the same bytes for 64 or 576 tokens); a clip of
+    several frames, which is what a video prefill is, is bound by compute."""
     torch.manual_seed(0)
     lm = LlamaModel(LlamaConfig(num_hidden_layers=args.lm_layers, **LLAMA_7B)).to(device, dtype).eval()
-    rows = []
-    xs = {n: torch.randn(1, n, 4096, device=device, dtype=dtype) for n in args.tokens}
+    cases = {(f, n): torch.randn(1, f * n, 4096, device=device, dtype=dtype) for f in args.frames for n in args.tokens}
     with torch.inference_mode():
-        t = compare({n: (lambda x=x: lm(inputs_embeds=x, use_cache=False)) for n, x in xs.items()},
+        t = compare({key: (lambda x=x: lm(inputs_embeds=x, use_cache=False)) for key, x in cases.items()},
                     device, args.repeats)
-    for n in args.tokens:
-        rows.append({"visual_tokens": n, "prefill_ms": 1e3 * t[n]})
-    full = rows[0]["prefill_ms"]
-    for r in rows:
-        r["speedup_vs_576"] = full / r["prefill_ms"]
+    rows = []
+    for f, n in cases:
+        full = t[(f, args.tokens[0])]
+        rows.append({"frames": f, "tokens_per_frame": n, "prefill_ms": 1e3 * t[(f, n)],
+                     "per_frame_ms": 1e3 * t[(f, n)] / f, f"speedup_vs_{args.tokens[0]}": full / t[(f, n)]})
     return rows
 
 
@@ -95,7 +98,9 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 (GPU default) | float16")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--tokens", type=int, nargs="+", default=[576, 64, 32])
+    p.add_argument("--tokens", type=int, nargs="+", default=[576, 196, 144, 64, 32],
+                   help="visual tokens per frame; the first is the full-token reference")
+    p.add_argument("--frames", type=int, nargs="+", default=[1, 4], help="frames per prefill")
     p.add_argument("--lm-layers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best of each is kept")
     p.add_argument("--out", default=None)
@@ -109,7 +114,7 @@ def main():
                              "scoring_ops_pct", "speedup_vs_reference", "per_frame_ms"]))
     print(f"\nPrefill: Llama-7B-shaped layers x{args.lm_layers} (4096 hidden, 32 heads, 11008 MLP), batch 1")
     prefill_rows = bench_prefill(args, device, dtype)
-    print(table(prefill_rows, ["visual_tokens", "prefill_ms", "speedup_vs_576"]))
+    print(table(prefill_rows, ["frames", "tokens_per_frame", "prefill_ms", "per_frame_ms", f"speedup_vs_{args.tokens[0]}"]))
     path = write_json(f"visionzip-{machine_name(device)}", {
         "machine": machine(device), "dtype": str(dtype), "tower": "CLIP ViT-L/14-336 (random weights)",
         "lm": f"Llama-7B-shaped x{args.lm_layers} layers", "tower_rows": tower_rows, "prefill_rows": prefill_rows,

@@ -83,11 +83,19 @@ class RollingCache(DynamicCache):
 
         The caller then runs the model over exactly those rows with this cache.
         """
-        assert kind in KINDS, kind
-        self._make_room(tokens, kind, open_turn=False)
-        start = self.next_position
-        self.blocks.append(Block(kind, start, tokens, tokens if span is None else span, meta))
-        return start
+        return self.append_many([(kind, tokens, span, meta)])[0]
+
+    def append_many(self, specs: list[tuple[str, int, int | None, dict]]) -> list[int]:
+        """Register consecutive blocks [(kind, tokens, span, meta)] of one kind, written by one model
+        call; room is made for all of them at once (none of them is evicted for another)."""
+        kind = specs[0][0]
+        assert kind in KINDS and all(k == kind for k, *_ in specs), specs
+        self._make_room(sum(t for _, t, _, _ in specs), kind, open_turn=False, blocks=len(specs))
+        starts = []
+        for _, tokens, span, meta in specs:
+            starts.append(self.next_position)
+            self.blocks.append(Block(kind, starts[-1], tokens, tokens if span is None else span, meta))
+        return starts
 
     def grow(self, tokens: int) -> int:
         """Extend the last block (a turn being decoded) by `tokens` rows; returns their start position."""
@@ -105,7 +113,7 @@ class RollingCache(DynamicCache):
             raise RuntimeError(f"cache holds {self.get_seq_length()} rows, blocks say {self.count()}")
 
     # -- policy --------------------------------------------------------------------------
-    def _make_room(self, tokens: int, kind: str, open_turn: bool) -> None:
+    def _make_room(self, tokens: int, kind: str, open_turn: bool, blocks: int = 1) -> None:
         # Blocks that may go: everything but the system prompt and the turn being written.
         protected = self.blocks[-1] if open_turn else None
         victims: set[int] = set()
@@ -123,7 +131,7 @@ class RollingCache(DynamicCache):
             victims.add(id(turns[0]))
             turn_tokens -= turns.pop(0).tokens
         frames = alive("frame")
-        n_frames = len(frames) + (kind == "frame")
+        n_frames = len(frames) + (blocks if kind == "frame" else 0)
         while frames and self.max_frames is not None and n_frames > self.max_frames:
             victims.add(id(frames.pop(0)))
             n_frames -= 1

@@ -10,8 +10,9 @@ Model work runs on one worker thread that owns the model; the event loop only qu
 and hands out results. The scheduler runs rounds; each round is
 
   1. one frame batch: up to `max_batch_frames` queued frames, taken round-robin across
-     sessions (oldest first within a session), encoded in one vision batch, then each
-     prefilled into its session's cache;
+     sessions (oldest first within a session), encoded in one vision batch, then
+     prefilled into their sessions' caches, up to `max_prefill_frames` frames of one
+     session per LM call (a session that fell behind catches up in bigger, cheaper steps);
   2. for every active answer, up to `decode_tokens_per_round` steps (the question prefill
      counts as one step).
 
@@ -45,7 +46,7 @@ class Engine:
                  window_frames: int | None = None, cache_budget_tokens: int | None = None,
                  max_sessions: int = 16, max_question_chars: int = 2000, max_new_tokens_limit: int = 512,
                  turn_share: float = 0.5, max_batch_frames: int = 8, decode_tokens_per_round: int = 8,
-                 max_backlog_frames: int = 8, max_queued_questions: int = 8):
+                 max_backlog_frames: int = 8, max_queued_questions: int = 8, max_prefill_frames: int = 8):
         if isinstance(model, str):
             from .adapters import load_adapter
 
@@ -62,6 +63,7 @@ class Engine:
         self.max_new_tokens_limit, self.turn_share = max_new_tokens_limit, turn_share
         self.max_batch_frames, self.decode_tokens_per_round = max_batch_frames, decode_tokens_per_round
         self.max_backlog_frames, self.max_queued_questions = max_backlog_frames, max_queued_questions
+        self.max_prefill_frames = max(1, max_prefill_frames)
         self.sessions: dict[str, Session] = {}
         self._inv_freq = rope_inv_freq(self.adapter.model)
         # HF fast tokenizers may raise "Already borrowed" when two threads call them at once.
@@ -256,32 +258,33 @@ class Engine:
             return (pos if pos.dim() == 2 else pos.expand(3, n))[:, None, :]
         return pos.reshape(1, n)
 
-    def _lm(self, cache, kind: str, pieces, **meta):
-        """Append one block made of text ids and embedding pieces; returns the last logits.
+    def _lm(self, cache, kind: str | None, pieces, **meta):
+        """Append one block made of text ids and embedding pieces (kind None: extend the open
+        turn); returns the last logits. `pieces`: list of (ids list) or (embeds [k, D],
+        offsets [rope_dims, k] | None)."""
+        return self._lm_blocks(cache, kind, [(pieces, meta)])
 
-        `pieces`: list of (ids list) or (embeds [k, D], offsets [rope_dims, k] | None).
-        """
-        embeds, positions, span = [], [], 0
-        for p in pieces:
-            if isinstance(p, list):
-                if not p:
-                    continue
-                embeds.append(self.adapter.embed(torch.tensor([p]))[0])
-                positions.append(("text", span, len(p)))
-                span += len(p)
-            else:
-                e, off = p
+    def _lm_blocks(self, cache, kind: str | None, blocks: list):
+        """Append consecutive blocks [(pieces, meta)] with one model call; returns the last logits."""
+        embeds, layout, specs = [], [], []  # layout: (block, position within it, offsets) per piece
+        for b, (pieces, meta) in enumerate(blocks):
+            rows = span = 0
+            for p in pieces:
+                if isinstance(p, list):
+                    if not p:
+                        continue
+                    e, off, n = self.adapter.embed(torch.tensor([p]))[0], None, len(p)
+                else:
+                    e, off = p
+                    n = len(e) if off is None else int(off.max()) + 1  # M-RoPE frames span fewer positions
                 embeds.append(e)
-                positions.append(("frame", span, off))
-                span += len(e) if off is None else int(off.max()) + 1
+                layout.append((b, span, off))
+                rows += len(e)
+                span += n
+            specs.append((kind, rows, span, meta))
         x = torch.cat(embeds)
-        start = cache.append(kind, len(x), span, **meta) if kind else cache.grow(len(x))
-        pos = []
-        for what, at, arg in positions:
-            if what == "text":
-                pos.append(self._positions(start + at, arg))
-            else:
-                pos.append(self._positions(start + at, len(embeds[len(pos)]), arg))
+        starts = cache.append_many(specs) if kind else [cache.grow(len(x))]
+        pos = [self._positions(starts[b] + at, len(e), off) for e, (b, at, off) in zip(embeds, layout)]
         logits = self.adapter.forward(x[None], cache, torch.cat(pos, dim=-1))
         cache.check()
         return logits[0, -1]
@@ -296,26 +299,44 @@ class Engine:
 
     @torch.inference_mode()
     def _ingest_worker(self, batch) -> list:
+        """One vision batch for all frames, then one LM prefill per session for all of its frames
+        (a session that fell behind catches up in larger, more efficient forward passes)."""
         embeds, offsets = self.adapter.encode_frames_positioned([f.image for _, f in batch])
-        errors = []
-        for i, (s, f) in enumerate(batch):
-            try:
-                if s.closed:
-                    errors.append(StreamError("session_closed", f"session {s.id!r} was closed"))
-                    continue
-                st = s._state
-                if st.cache is None:
-                    st.cache = self._new_cache(s)
-                before, after = self.frame_ids(f.t)
-                off = None if offsets is None else offsets[i]
-                self._lm(st.cache, "frame", [before, (embeds[i], off), after], t=f.t)
-                errors.append(None)
-            except Exception as e:
-                if not isinstance(e, StreamError):
-                    log.exception("frame prefill failed")
-                    e = StreamError("internal_error", f"frame prefill failed: {type(e).__name__}: {e}")
-                errors.append(e)
+        errors: list = [None] * len(batch)
+        by_session: dict[Session, list[int]] = {}
+        for i, (s, _) in enumerate(batch):
+            by_session.setdefault(s, []).append(i)
+        for s, idx in by_session.items():
+            if s.closed:
+                for i in idx:
+                    errors[i] = StreamError("session_closed", f"session {s.id!r} was closed")
+                continue
+            blocks = []
+            for i in idx:
+                t = batch[i][1].t
+                before, after = self.frame_ids(t)
+                blocks.append(([before, (embeds[i], None if offsets is None else offsets[i]), after], {"t": t}))
+            group = min(self.max_prefill_frames, self.window_frames or len(blocks))  # and fit the window
+            for g in range(0, len(blocks), group):
+                for i, err in zip(idx[g : g + group], self._prefill_frames(s, blocks[g : g + group])):
+                    errors[i] = err
         return errors
+
+    def _prefill_frames(self, s: Session, blocks: list) -> list:
+        """Frames of one session into its cache, in one call if they fit together; per-frame errors."""
+        st = s._state
+        try:
+            if st.cache is None:
+                st.cache = self._new_cache(s)
+            self._lm_blocks(st.cache, "frame", blocks)
+            return [None] * len(blocks)
+        except StreamError as e:
+            if e.code == "context_full" and len(blocks) > 1:  # room is made before anything is written
+                return [err for b in blocks for err in self._prefill_frames(s, [b])]
+            return [e] * len(blocks)
+        except Exception as e:
+            log.exception("frame prefill failed")
+            return [StreamError("internal_error", f"frame prefill failed: {type(e).__name__}: {e}")] * len(blocks)
 
     @torch.inference_mode()
     def _step_worker(self, s: Session, ans: Answer):

@@ -258,3 +258,32 @@ async def test_limits_raise_stream_errors(tiny_llava):
     engine.session(session_id="c", system_prompt="")  # a slot is free again
     await engine.aclose()
     assert code(engine.session) == "engine_closed"
+
+
+async def test_burst_of_frames_is_prefilled_in_one_call_with_the_same_result(tiny_llava):
+    """Frames that queue up in one session go through the LM together (fewer, larger forward
+    passes) and leave the cache a frame-by-frame feed leaves: same blocks, same answer."""
+    imgs = frames(5, seed=30)
+    engine = Engine(tiny_llava, tokens_per_frame=16, window_frames=4)
+    one = engine.session(system_prompt=SYSTEM)
+    await feed(one, imgs)  # one frame per round
+    want = one.ask(Q1, max_new_tokens=6)
+    await want.result()
+
+    calls = []
+    forward = engine.adapter.forward
+    engine.adapter.forward = lambda x, *a, **k: calls.append(x.shape[1]) or forward(x, *a, **k)
+    burst = engine.session(system_prompt=SYSTEM)
+    for i, f in enumerate(imgs):
+        burst.submit_frame(f, t=float(i))  # all queued before the scheduler's next round
+    got = burst.ask(Q1, max_new_tokens=6)
+    await got.result()
+    del engine.adapter.forward
+    frame_calls = calls[1:3]  # after the system prompt: the 5 frames in window-sized groups (4 + 1)
+    per_frame = one._state.cache.frames()[0].tokens
+    assert frame_calls == [4 * per_frame, per_frame]
+    assert [b.meta["t"] for b in burst._state.cache.frames()] == [1.0, 2.0, 3.0, 4.0]
+    assert [(b.kind, b.start, b.tokens) for b in burst._state.cache.blocks] == \
+        [(b.kind, b.start, b.tokens) for b in one._state.cache.blocks]
+    assert got.token_ids == want.token_ids
+    await engine.aclose()

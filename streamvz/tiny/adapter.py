@@ -1,4 +1,4 @@
-"""streamvz-tiny as a streamvz Adapter: DINOv2-S -> VisionZip -> MLP projector -> SmolLM2-135M.
+"""streamvz-tiny as a streamvz Adapter: DINOv2-S -> VisionZip -> MLP projector -> SmolLM2-135M (+ merged LoRA).
 
 The engine talks to it like any other family. `prompt_embeds` builds exactly the sequence
 the engine builds (system, per frame `frame_prefix` + k embeddings + `frame_suffix`, then
@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, Dinov2Model, DynamicCache, LlamaForCausa
 
 from ..adapters.base import Adapter, ChatFormat
 from ..errors import StreamError
+from .lora import beside, merge
 from .model import FULL_TOKENS, Features, Projector, features, preprocess, reduce
 from .weights import model_dir, verify
 
@@ -58,6 +59,8 @@ class TinyAdapter(Adapter):
             from safetensors.torch import load_file
 
             self.projector.load_state_dict(load_file(str(projector)))
+            if beside(projector).exists():  # the LM's LoRA trained with this projector, merged once
+                merge(self.model, load_file(str(beside(projector))))
         self.projector.to(self.device, self.dtype).eval().requires_grad_(False)  # train.py turns it back on
         if tokens_per_frame is not None and not 1 <= tokens_per_frame <= FULL_TOKENS:
             raise ValueError(f"tokens_per_frame must be in 1..{FULL_TOKENS} or None, got {tokens_per_frame}")

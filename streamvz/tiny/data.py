@@ -292,6 +292,15 @@ def long_video(rng: np.random.Generator, minutes: float = 10.0, fps: float = 0.2
     return LongVideo(scenes, fps, ev, absent)
 
 
+def kind_of(question: str) -> str:
+    """The question family, for per-kind scores."""
+    for prefix, kind in (("What color", "colour"), ("What shape", "shape"), ("How many", "count"),
+                         ("Is there", "present"), ("Is the", "position"), ("Was there", "seen")):
+        if question.startswith(prefix):
+            return kind
+    return "other"
+
+
 def normalise(answer: str) -> str:
     """What exact match compares: first word, lower case, no punctuation."""
     words = answer.strip().lower().replace(".", " ").replace(",", " ").split()
