@@ -57,8 +57,9 @@ async def backlog(engine: Engine, n_frames: int) -> float:
     or a live source that fell behind): the engine prefills them in groups."""
     s = engine.session(session_id=f"backlog-{time.monotonic_ns()}")
     await s.add_frame(frames(1)[0], t=0.0)  # warm up
+    clip = frames(n_frames)
     t = time.perf_counter()
-    for i, f in enumerate(frames(n_frames)):
+    for i, f in enumerate(clip):
         s.submit_frame(f, t=1.0 + i)
     await s.ask("ok?", max_new_tokens=1).result()  # answered once every queued frame is in
     took = time.perf_counter() - t

@@ -107,6 +107,19 @@ class RollingCache(DynamicCache):
         last.span += tokens
         return start
 
+    def discard(self, blocks: int = 0, tokens: int = 0) -> None:
+        """Undo the last `append_many` (its `blocks`) or `grow` (`tokens`) whose model call failed,
+        dropping whatever rows it had written, so the session's cache stays usable."""
+        if blocks:
+            del self.blocks[-blocks:]
+        elif tokens:
+            self.blocks[-1].tokens -= tokens
+            self.blocks[-1].span -= tokens
+        n = self.count()
+        for layer in self.layers:  # rows the failed call wrote (some layers may have none)
+            if layer.is_initialized:
+                layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
+
     def check(self) -> None:
         """The model wrote exactly the rows the blocks describe."""
         if self.get_seq_length() != self.count():
@@ -136,7 +149,9 @@ class RollingCache(DynamicCache):
             victims.add(id(frames.pop(0)))
             n_frames -= 1
         while size() > self.budget_tokens:
-            pool = alive("frame") or alive("turn")
+            # Several new frames at once may only push out frames: one at a time, each new frame
+            # would evict older frames (even its batch-mates) before any turn, and so must they.
+            pool = alive("frame") or (alive("turn") if blocks == 1 else [])
             if not pool:
                 raise StreamError("context_full", f"{tokens} new tokens do not fit a {self.budget_tokens}-token "
                                   "cache next to the system prompt and the current turn")

@@ -285,7 +285,11 @@ class Engine:
         x = torch.cat(embeds)
         starts = cache.append_many(specs) if kind else [cache.grow(len(x))]
         pos = [self._positions(starts[b] + at, len(e), off) for e, (b, at, off) in zip(embeds, layout)]
-        logits = self.adapter.forward(x[None], cache, torch.cat(pos, dim=-1))
+        try:
+            logits = self.adapter.forward(x[None], cache, torch.cat(pos, dim=-1))
+        except Exception:
+            cache.discard(blocks=len(specs)) if kind else cache.discard(tokens=len(x))
+            raise
         cache.check()
         return logits[0, -1]
 
@@ -307,36 +311,35 @@ class Engine:
         for i, (s, _) in enumerate(batch):
             by_session.setdefault(s, []).append(i)
         for s, idx in by_session.items():
-            if s.closed:
-                for i in idx:
-                    errors[i] = StreamError("session_closed", f"session {s.id!r} was closed")
-                continue
-            blocks = []
-            for i in idx:
-                t = batch[i][1].t
-                before, after = self.frame_ids(t)
-                blocks.append(([before, (embeds[i], None if offsets is None else offsets[i]), after], {"t": t}))
-            group = min(self.max_prefill_frames, self.window_frames or len(blocks))  # and fit the window
-            for g in range(0, len(blocks), group):
-                for i, err in zip(idx[g : g + group], self._prefill_frames(s, blocks[g : g + group])):
+            items = [(batch[i][1].t, embeds[i], None if offsets is None else offsets[i]) for i in idx]
+            group = min(self.max_prefill_frames, self.window_frames or len(items))  # and fit the window
+            for g in range(0, len(items), group):
+                for i, err in zip(idx[g : g + group], self._prefill_frames(s, items[g : g + group])):
                     errors[i] = err
         return errors
 
-    def _prefill_frames(self, s: Session, blocks: list) -> list:
-        """Frames of one session into its cache, in one call if they fit together; per-frame errors."""
+    def _prefill_frames(self, s: Session, items: list) -> list:
+        """Frames [(t, embeds, offsets)] of one session into its cache, in one LM call when they
+        fit together, else one by one; returns one error (or None) per frame."""
+        if s.closed:
+            return [StreamError("session_closed", f"session {s.id!r} was closed")] * len(items)
         st = s._state
         try:
             if st.cache is None:
                 st.cache = self._new_cache(s)
+            blocks = []
+            for t, e, off in items:
+                before, after = self.frame_ids(t)
+                blocks.append(([before, (e, off), after], {"t": t}))
             self._lm_blocks(st.cache, "frame", blocks)
-            return [None] * len(blocks)
-        except StreamError as e:
-            if e.code == "context_full" and len(blocks) > 1:  # room is made before anything is written
-                return [err for b in blocks for err in self._prefill_frames(s, [b])]
-            return [e] * len(blocks)
+            return [None] * len(items)
         except Exception as e:
-            log.exception("frame prefill failed")
-            return [StreamError("internal_error", f"frame prefill failed: {type(e).__name__}: {e}")] * len(blocks)
+            if len(items) > 1:  # nothing was kept (room is made first, a failed call is undone)
+                return [err for it in items for err in self._prefill_frames(s, [it])]
+            if not isinstance(e, StreamError):
+                log.exception("frame prefill failed")
+                e = StreamError("internal_error", f"frame prefill failed: {type(e).__name__}: {e}")
+            return [e]
 
     @torch.inference_mode()
     def _step_worker(self, s: Session, ans: Answer):

@@ -287,3 +287,49 @@ async def test_burst_of_frames_is_prefilled_in_one_call_with_the_same_result(tin
         [(b.kind, b.start, b.tokens) for b in one._state.cache.blocks]
     assert got.token_ids == want.token_ids
     await engine.aclose()
+
+
+async def test_failed_frame_prefill_is_undone_and_the_session_goes_on(tiny_llava):
+    """A model call that fails half-way (say, out of memory) reports an error for its frames and
+    leaves the cache exactly as before, so later frames and questions work."""
+    engine = Engine(tiny_llava, tokens_per_frame=16)
+    s = engine.session(system_prompt=SYSTEM)
+    await s.add_frame(frames(1)[0], t=0.0)
+    before = (s._state.cache.count(), s._state.cache.get_seq_length(), len(s._state.cache.blocks))
+    forward = engine.adapter.forward
+
+    def fails_after_writing(x, cache, *a, **k):
+        forward(x, cache, *a, **k)  # rows land in the cache, then the call dies
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    engine.adapter.forward = fails_after_writing
+    imgs = frames(3, seed=40)
+    for i, f in enumerate(imgs):
+        s.submit_frame(f, t=1.0 + i)
+    with pytest.raises(StreamError) as err:
+        await s.add_frame(frames(1, seed=41)[0], t=9.0)
+    assert err.value.code == "internal_error" and "out of memory" in err.value.message
+    assert (s._state.cache.count(), s._state.cache.get_seq_length(), len(s._state.cache.blocks)) == before
+    del engine.adapter.forward
+    await s.add_frame(imgs[0], t=10.0)
+    a = s.ask(Q1, max_new_tokens=3)
+    assert len(await a.result()) > 0
+    assert s.stats()["frames_in_window"] == 2
+    await engine.aclose()
+
+
+async def test_burst_after_an_answer_evicts_frames_not_the_turn(tiny_llava):
+    """Frames queued during an answer go in together right after it; like single frames they
+    push out older frames only, so the question just answered stays in the cache."""
+    engine = Engine(tiny_llava, tokens_per_frame=16, cache_budget_tokens=150)
+    s = engine.session(system_prompt=SYSTEM)
+    await feed(s, frames(3, seed=50))
+    a = s.ask(Q1, max_new_tokens=4)
+    for i, f in enumerate(frames(4, seed=51)):
+        s.submit_frame(f, t=100.0 + i)  # held until the answer's turn closes
+    await a.result()
+    await s.add_frame(frames(1, seed=52)[0], t=200.0)
+    kinds = [b.kind for b in s._state.cache.blocks]
+    assert kinds.count("turn") == 1 and s._state.cache.count() <= 150
+    assert s._state.cache.frames()[-1].meta["t"] == 200.0
+    await engine.aclose()

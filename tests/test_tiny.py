@@ -257,6 +257,24 @@ def test_forward_with_cache_equals_one_pass(adapter):
 
 
 @tiny
+def test_committed_lora_is_merged_into_the_lm(adapter):
+    """The LoRA trained with the projector changes SmolLM2's weights by exactly B @ A at load."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from streamvz.tiny.adapter import PROJECTOR
+    from streamvz.tiny.lora import beside
+
+    state = load_file(str(beside(PROJECTOR)))
+    base = LlamaForCausalLM.from_pretrained(weights.model_dir() / "lm", dtype=torch.float32)
+    name = "model.layers.3.self_attn.q_proj"
+    delta = state[f"{name}.B"].float() @ state[f"{name}.A"].float()
+    assert delta.abs().max() > 1e-4  # trained, not the zero init
+    got = adapter.model.get_submodule(name).weight
+    torch.testing.assert_close(got, base.get_submodule(name).weight + delta)
+
+
+@tiny
 def test_trained_projector_gives_one_word_answers(adapter):
     """The raw LM answers in sentences ("The triangle is blue"); with the trained projector's
     frame tokens it answers in the task's one-word vocabulary."""

@@ -58,14 +58,16 @@ def lora_state(wrapped: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
 def merge(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
     """Add each saved B @ A to its base weight; returns the number of layers changed."""
     modules = dict(model.named_modules())
-    names = {k.rsplit(".", 1)[0] for k in state}
-    for name in names:
+    names = sorted({k.rsplit(".", 1)[0] for k in state})
+    for name in names:  # check everything before changing anything
         if name not in modules or not isinstance(modules[name], nn.Linear):
             raise ValueError(f"LoRA weights for {name!r} do not match this model")
+        shape = (state[f"{name}.B"].shape[0], state[f"{name}.A"].shape[-1])
+        if shape != tuple(modules[name].weight.shape):
+            raise ValueError(f"LoRA weights for {name!r} have shape {shape}, layer has {tuple(modules[name].weight.shape)}")
+    for name in names:
         w = modules[name].weight
         delta = state[f"{name}.B"].to(w.device, torch.float32) @ state[f"{name}.A"].to(w.device, torch.float32)
-        if delta.shape != w.shape:
-            raise ValueError(f"LoRA weights for {name!r} have shape {tuple(delta.shape)}, layer has {tuple(w.shape)}")
         w.copy_((w.float() + delta).to(w.dtype))
     return len(names)
 
@@ -73,4 +75,5 @@ def merge(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
 def beside(projector: str | Path) -> Path:
     """Where the LoRA trained with a projector lives: projector.safetensors -> lora.safetensors."""
     p = Path(projector)
-    return p.with_name(p.stem.replace("projector", "lora") + p.suffix)
+    stem = p.stem.replace("projector", "lora") if "projector" in p.stem else p.stem + ".lora"
+    return p.with_name(stem + p.suffix)

@@ -1,0 +1,56 @@
+"""LoRA for streamvz-tiny: the wrapped model trains, the merged model computes the same function."""
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from streamvz.tiny.lora import TARGETS, attach, beside, lora_state, merge
+from tiny_models import tiny_llama_config
+
+
+def tiny_lm(seed=0):
+    torch.manual_seed(seed)
+    cfg = tiny_llama_config(vocab_size=100)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_merged_weights_compute_what_the_wrapped_model_computes():
+    wrapped_lm, plain_lm = tiny_lm(), tiny_lm()
+    wrapped = attach(wrapped_lm, rank=4)
+    assert len(wrapped) == len(TARGETS) * wrapped_lm.config.num_hidden_layers
+    ids = torch.randint(0, 100, (2, 12))
+    before = wrapped_lm(ids).logits
+    torch.testing.assert_close(before, plain_lm(ids).logits)  # B starts at zero: no change yet
+    for m in wrapped.values():  # stand-in for training: any non-zero update
+        torch.nn.init.normal_(m.B, std=0.05)
+    after = wrapped_lm(ids).logits
+    assert not torch.allclose(after, before, atol=1e-3)
+    assert merge(plain_lm, lora_state(wrapped)) == len(wrapped)
+    torch.testing.assert_close(plain_lm(ids).logits, after, atol=1e-5, rtol=1e-5)
+
+
+def test_only_the_low_rank_factors_train():
+    lm = tiny_lm()
+    wrapped = attach(lm, rank=2)
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    for m in wrapped.values():
+        m.A.requires_grad_(True), m.B.requires_grad_(True)
+    lm(torch.randint(0, 100, (1, 5))).logits.sum().backward()
+    assert all(m.B.grad is not None and m.base.weight.grad is None for m in wrapped.values())
+
+
+def test_merge_rejects_weights_of_another_model():
+    state = lora_state(attach(tiny_lm(), rank=2))
+    other = LlamaForCausalLM(tiny_llama_config(vocab_size=100, hidden=32)).eval()
+    with pytest.raises(ValueError, match="shape"):
+        merge(other, state)
+    with pytest.raises(ValueError, match="do not match"):
+        merge(other, {"model.nowhere.q_proj.A": torch.zeros(1, 1), "model.nowhere.q_proj.B": torch.zeros(1, 1)})
+    with pytest.raises(ValueError, match="no .* linear layers"):
+        attach(torch.nn.Sequential(torch.nn.ReLU()), rank=2)
+
+
+def test_lora_file_sits_beside_its_projector(tmp_path):
+    assert beside(tmp_path / "projector.safetensors") == tmp_path / "lora.safetensors"
+    assert beside("run3/projector-best.safetensors").name == "lora-best.safetensors"
+    assert beside("run3/model.safetensors").name == "model.lora.safetensors"  # never the projector itself
