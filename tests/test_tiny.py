@@ -287,7 +287,6 @@ def test_trained_projector_gives_one_word_answers(adapter):
 
 
 @tiny
-@pytest.mark.xfail(reason="known gap: the committed projector (260 LM steps) is ~42% on colour questions", strict=True)
 def test_answers_colour_questions_about_a_frame(adapter):
     """The trained projector makes the LM see: one big shape on a plain background, asked its colour."""
     right = 0
