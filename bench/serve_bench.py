@@ -77,13 +77,13 @@ def direct_round(server: ServerThread, n_sessions: int, tokens: int) -> dict:
     return _row("direct", wall, results, loop_cpu(server) - cpu)
 
 
-async def ws_round(url: str, n_sessions: int, tokens: int) -> dict:
-    chats = [WsChat(url) for _ in range(n_sessions)]
+async def transport_round(kind: str, chats: list, push, tokens: int) -> dict:
+    """Open every chat, push the frames with `push(chat, jpeg, t)`, then time one concurrent ask each."""
     for c in chats:
         await c.__aenter__()
         await c.open()
         for data, t in frames():
-            await c.ws.send(_with_t(data, t))
+            await push(c, data, t)
     await _settled(chats)
     t0 = time.perf_counter()
     results = await asyncio.gather(*(consume(c.ask(QUESTION, max_tokens=tokens), t0) for c in chats))
@@ -91,24 +91,17 @@ async def ws_round(url: str, n_sessions: int, tokens: int) -> dict:
     for c in chats:
         await c.close()
         await c.__aexit__(None, None, None)
-    return _row("ws", wall, results)
+    return _row(kind, wall, results)
+
+
+async def ws_round(url: str, n_sessions: int, tokens: int) -> dict:
+    return await transport_round("ws", [WsChat(url) for _ in range(n_sessions)],
+                                 lambda c, data, t: c.ws.send(_with_t(data, t)), tokens)
 
 
 async def mqtt_round(port: int, n_sessions: int, tokens: int, k: int) -> dict:
-    chats = [MqttChat("127.0.0.1", port, session=f"bench{k}-{i}") for i in range(n_sessions)]
-    for c in chats:
-        await c.__aenter__()
-        await c.open()
-        for data, t in frames():
-            await c._publish("frames", data, 0, user=[("t", repr(t))])
-    await _settled(chats)
-    t0 = time.perf_counter()
-    results = await asyncio.gather(*(consume(c.ask(QUESTION, max_tokens=tokens), t0) for c in chats))
-    wall = time.perf_counter() - t0
-    for c in chats:
-        await c.close()
-        await c.__aexit__(None, None, None)
-    return _row("mqtt", wall, results)
+    return await transport_round("mqtt", [MqttChat("127.0.0.1", port, session=f"bench{k}-{i}") for i in range(n_sessions)],
+                                 lambda c, data, t: c._publish("frames", data, 0, user=[("t", repr(t))]), tokens)
 
 
 def _with_t(jpeg: bytes, t: float) -> bytes:

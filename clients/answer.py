@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from streamvz.errors import StreamError
 
@@ -53,3 +54,40 @@ class Answer:
         async for _ in self:
             pass
         return self.text
+
+
+# -- terminal helpers shared by the websocket and MQTT command-line clients ------------------
+
+
+async def push_local(chat, path: str, fps: float) -> None:
+    """Decode a local video (or camera device) here and push its frames through `chat.push`;
+    a file plays at its own pace, like a camera (and within the server's fps cap)."""
+    from streamvz.sources import open_source
+
+    async with open_source(path, fps=fps, realtime=not path.startswith("/dev/")) as src:
+        async for frame in src:
+            await chat.push(frame.image, frame.t)
+
+
+async def questions(asked: list[str]):
+    """The --ask questions, or else lines typed on stdin (stripped) until end of input."""
+    for q in asked:
+        yield q
+    if asked:
+        return
+    loop = asyncio.get_running_loop()
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        yield line.strip()
+
+
+async def print_answer(answer: Answer, question: str) -> None:
+    """Print a question, its streamed answer and its usage line; an error is printed, not raised."""
+    print(f"Q: {question}\nA: ", end="", flush=True)
+    try:
+        async for delta in answer:
+            print(delta, end="", flush=True)
+        u = answer.usage
+        print(f"\n   [{u.get('completion_tokens')} tokens, first after {u.get('ttft_s') or 0:.2f}s, "
+              f"{u.get('tokens_per_s') or 0:.1f} tok/s]", flush=True)
+    except StreamError as e:
+        print(f"\nerror [{e.code}]: {e.message}", flush=True)

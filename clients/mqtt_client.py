@@ -22,7 +22,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from clients.answer import Answer
+from clients.answer import Answer, print_answer, push_local, questions
 from streamvz import protocol
 from streamvz.errors import StreamError
 
@@ -140,33 +140,15 @@ async def main(argv=None) -> int:
         print(f"session {opened['session']}", file=sys.stderr)
         pusher = None
         if a.video:
-            async def push():
-                from streamvz.sources import open_source
-
-                async with open_source(a.video, fps=a.fps, realtime=True) as src:
-                    async for frame in src:
-                        await chat.push(frame.image, frame.t)
-            pusher = asyncio.create_task(push())
+            pusher = asyncio.create_task(push_local(chat, a.video, a.fps))
         if a.ask:
             await asyncio.sleep(a.wait)
-            questions = a.ask
         else:
             print("type a question (empty line to quit)", file=sys.stderr)
-            loop = asyncio.get_running_loop()
-            questions = iter(lambda: loop.run_in_executor(None, sys.stdin.readline), None)
-        for q in questions:
-            if not isinstance(q, str):
-                q = (await q).strip()
-                if not q:
-                    break
-            answer = chat.ask(q, max_tokens=a.max_tokens)
-            print(f"Q: {q}\nA: ", end="", flush=True)
-            try:
-                async for delta in answer:
-                    print(delta, end="", flush=True)
-                print(flush=True)
-            except StreamError as e:
-                print(f"\nerror [{e.code}]: {e.message}", flush=True)
+        async for q in questions(a.ask):
+            if not q:
+                break
+            await print_answer(chat.ask(q, max_tokens=a.max_tokens), q)
         if pusher:
             pusher.cancel()
     return 0

@@ -21,7 +21,7 @@ import sys
 
 import websockets
 
-from clients.answer import Answer
+from clients.answer import Answer, print_answer, push_local, questions
 from streamvz import protocol
 from streamvz.errors import StreamError
 
@@ -105,29 +105,6 @@ class WsChat:
         return await self.expect("closed")
 
 
-async def _push_local(chat: WsChat, url: str, fps: float):
-    from streamvz.sources import open_source
-
-    # realtime: a file plays at its own pace, like a camera (and within the server's fps cap).
-    async with open_source(url, fps=fps, realtime=not url.startswith("/dev/")) as src:
-        async for frame in src:
-            await chat.push(frame.image, frame.t)
-
-
-async def _items(items):
-    for item in items:
-        yield item
-
-
-async def _lines():
-    loop = asyncio.get_running_loop()
-    while True:
-        line = await loop.run_in_executor(None, sys.stdin.readline)
-        if not line:
-            return
-        yield line.strip()
-
-
 async def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Chat about a video with a streamvz server (websocket).")
     p.add_argument("--url", default="ws://127.0.0.1:8765/ws", help="server websocket URL")
@@ -151,13 +128,12 @@ async def main(argv=None) -> int:
         print(f"session {opened['session']} ({'resumed' if opened['resumed'] else 'new'})", file=sys.stderr)
         pusher = None
         if a.video or a.webcam:
-            pusher = asyncio.create_task(_push_local(chat, a.video or a.webcam, a.fps))
+            pusher = asyncio.create_task(push_local(chat, a.video or a.webcam, a.fps))
         if a.ask:
             await asyncio.sleep(a.wait)
         else:
             print("type a question (or /status, /quit)", file=sys.stderr)
-        source = _items(a.ask) if a.ask else _lines()
-        async for q in source:
+        async for q in questions(a.ask):
             if q in ("/quit", "/exit"):
                 break
             if q == "/status":
@@ -165,16 +141,7 @@ async def main(argv=None) -> int:
                 continue
             if not q:
                 continue
-            answer = chat.ask(q, max_tokens=a.max_tokens)
-            print(f"Q: {q}\nA: ", end="", flush=True)
-            try:
-                async for delta in answer:
-                    print(delta, end="", flush=True)
-                u = answer.usage
-                print(f"\n   [{u.get('completion_tokens')} tokens, first after {u.get('ttft_s') or 0:.2f}s, "
-                      f"{u.get('tokens_per_s') or 0:.1f} tok/s]", flush=True)
-            except StreamError as e:
-                print(f"\nerror [{e.code}]: {e.message}", flush=True)
+            await print_answer(chat.ask(q, max_tokens=a.max_tokens), q)
         if pusher:
             pusher.cancel()
     return 0
