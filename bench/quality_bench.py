@@ -90,7 +90,7 @@ def held_out(adapter, scenes: int, per_scene: int, settings: list[tuple[str, int
         gen = torch.Generator().manual_seed(TEST_SEED)
         for i in range(0, scenes, batch):
             f = feats[slice(i, i + batch)]
-            vis = adapter.projector(reduce(f, method, k, generator=gen).to(adapter.dtype))
+            vis = adapter.projector(*(t.to(adapter.dtype) for t in reduce(f, method, k, generator=gen)))
             answers = batch_answers(adapter, list(vis), [[q for q, _ in qa] for qa in qas[i : i + batch]])
             for qa, ans in zip(qas[i : i + batch], answers):
                 for (q, a), p in zip(qa, ans):
@@ -126,7 +126,7 @@ def long_recall(adapter, cache_budget: int, settings: list[tuple[str, int | None
             first -= 1
         window = list(range(first, len(times)))
         t0 = time.time()
-        vis = adapter.projector(reduce(feats[window], method, k).to(adapter.dtype))
+        vis = adapter.projector(*(t.to(adapter.dtype) for t in reduce(feats[window], method, k)))
         answers = adapter.answer(list(vis), [times[i] for i in window], qs, max_new_tokens=3)
         said = [data.normalise(a) for a in answers]
         seen = [t >= times[first] for t, _ in video.events]

@@ -87,27 +87,51 @@ def _random_features(B=2, N=FULL_TOKENS, D=384, seed=0):
 @pytest.mark.parametrize("k", [64, 32, 16])
 def test_reduce_budgets(method, k):
     f = _random_features()
-    out = reduce(f, method, k, generator=torch.Generator().manual_seed(0))
-    assert out.shape == ((2, FULL_TOKENS, 384) if method == "full" else (2, k, 384))
+    out, pos = reduce(f, method, k, generator=torch.Generator().manual_seed(0))
+    n = FULL_TOKENS if method == "full" else k
+    assert out.shape == (2, n, 384) and pos.shape == (2, n, 2)
+    patch = pos[pos[..., 0] >= 0]  # every place but CLS's lies inside the image
+    assert ((patch > 0) & (patch < 1)).all()
 
 
 def test_reduce_semantics():
     f = _random_features()
     # top-CLS keeps CLS first and the highest-scored patches, in their original order
-    top = reduce(f, "topcls", 16)
+    top, top_pos = reduce(f, "topcls", 16)
     want = f.scores[0, 1:].topk(15).indices.sort().values + 1
     assert torch.equal(top[0, 0], f.hidden[0, 0]) and torch.equal(top[0, 1:], f.hidden[0, want])
+    # ... and each kept patch's place is its grid cell: index 1 + 16 * row + col
+    assert torch.equal(top_pos[0, 0], torch.tensor([-1.0, -1.0]))
+    col, row = (want - 1) % 16, (want - 1) // 16
+    assert torch.allclose(top_pos[0, 1:], torch.stack([(col + 0.5) / 16, (row + 0.5) / 16], dim=-1))
     # VisionZip's dominant part is exactly top-CLS at the dominant budget
-    vz = reduce(f, "visionzip", 64)
-    assert torch.equal(vz[:, :54], reduce(f, "topcls", 54))
-    # uniform pooling preserves the mean of the patch grid
-    assert torch.allclose(reduce(f, "pool", 64).mean(1), f.hidden[:, 1:].mean(1), atol=1e-5)
+    vz, vz_pos = reduce(f, "visionzip", 64)
+    assert torch.equal(vz[:, :54], reduce(f, "topcls", 54)[0]) and torch.equal(vz_pos[:, :54], reduce(f, "topcls", 54)[1])
+    # uniform pooling preserves the mean of the patch grid, and its cells sit at the grid's centre on average
+    pooled, pool_pos = reduce(f, "pool", 64)
+    assert torch.allclose(pooled.mean(1), f.hidden[:, 1:].mean(1), atol=1e-5)
+    assert torch.allclose(pool_pos.mean(1), torch.full((2, 2), 0.5), atol=1e-5)
     # random drop is reproducible from its generator and keeps CLS
-    a = reduce(f, "random", 32, generator=torch.Generator().manual_seed(7))
-    b = reduce(f, "random", 32, generator=torch.Generator().manual_seed(7))
+    a = reduce(f, "random", 32, generator=torch.Generator().manual_seed(7))[0]
+    b = reduce(f, "random", 32, generator=torch.Generator().manual_seed(7))[0]
     assert torch.equal(a, b) and torch.equal(a[:, 0], f.hidden[:, 0])
     with pytest.raises(ValueError, match="unknown reduction"):
         reduce(f, "nope", 16)
+
+
+def test_merged_token_sits_at_the_mean_place_of_its_patches():
+    """Scores fall with the index, so CLS + patches 1..13 are dominant and the rest (243 patches)
+    is merged into 2 contextual tokens. All keys are equal, so every merged patch joins the first
+    target: one contextual token is the second target alone, the other all the remaining patches."""
+    B, N = 1, FULL_TOKENS
+    scores = torch.cat([torch.ones(1), torch.linspace(1, 0, N - 1)])[None]
+    f = Features(torch.randn(B, N, 8), scores, torch.ones(B, N, 4))
+    _, pos = reduce(f, "visionzip", 16)  # split(16) = 14 dominant + 2 contextual
+    grid = reduce(f, "full", None)[1][0]
+    lone = 14 + (N - 14) // 2  # the rest starts at patch 14; targets at rest indices 0 and 243 // 2
+    assert torch.allclose(pos[0, 15], grid[lone])
+    others = [i for i in range(14, N) if i != lone]
+    assert torch.allclose(pos[0, 14], grid[others].mean(0))
 
 
 def test_preprocess_resizes_and_normalises():
@@ -120,7 +144,7 @@ def test_preprocess_resizes_and_normalises():
 
 
 def test_projector_maps_to_lm_width():
-    assert Projector()(torch.randn(3, 64, 384)).shape == (3, 64, 576)
+    assert Projector()(torch.randn(3, 64, 384), torch.rand(3, 64, 2)).shape == (3, 64, 576)
 
 
 # ------------------------------------------------------------------ weights cache (no weights)
@@ -206,7 +230,7 @@ def test_encode_frames_shapes_for_every_budget(adapter):
     assert adapter.encode_frames(frames).shape == (2, 64, 576)
     feats = adapter.frame_features(frames)
     assert feats.hidden.shape == (2, FULL_TOKENS, 384)
-    full = adapter.projector(reduce(feats, "full", None))
+    full = adapter.projector(*reduce(feats, "full", None))
     assert full.shape == (2, FULL_TOKENS, 576) and torch.isfinite(full).all()
 
 
@@ -215,9 +239,50 @@ def test_encode_frames_matches_the_shared_visionzip(adapter):
     from streamvz.compress import VisionZip
 
     frames = data.render(data.random_scene(np.random.default_rng(5), "test"))[None]
-    ours = adapter.encode_frames(frames)
+    tokens, pos = reduce(adapter.frame_features(frames), "visionzip", 64)
     ref = VisionZip(54, 10).compress(adapter.vision, preprocess(frames), feature_layer=-2)
-    assert torch.allclose(ours, adapter.projector(ref.tokens), atol=1e-5)
+    assert torch.allclose(tokens, ref.tokens, atol=1e-5)
+    assert torch.allclose(adapter.encode_frames(frames), adapter.projector(ref.tokens, pos), atol=1e-5)
+
+
+@tiny
+def test_projector_uses_where_a_token_sits(adapter):
+    """The same tokens placed mirrored left-right must project differently (else the model
+    cannot answer left/right questions)."""
+    tokens, pos = reduce(adapter.frame_features(data.render(data.random_scene(np.random.default_rng(3), "test"))[None]),
+                         "visionzip", 64)
+    mirrored = torch.where(pos >= 0, torch.stack([1 - pos[..., 0], pos[..., 1]], dim=-1), pos)
+    a, b = adapter.projector(tokens, pos), adapter.projector(tokens, mirrored)
+    assert torch.equal(a[:, 0], b[:, 0])  # CLS has no place
+    assert (a[:, 1:] - b[:, 1:]).norm(dim=-1).min() > 1e-3 * a.norm(dim=-1).mean()
+
+
+@tiny
+def test_training_turns_see_only_the_frames(adapter):
+    """Two QA turns packed in one training row predict exactly what each predicts asked alone
+    (the sequence the engine builds): the mask and positions keep turns apart."""
+    from streamvz.tiny.train import build_batch, loss_on
+
+    rng = np.random.default_rng(4)
+    scenes = [data.random_scene(rng, "test") for _ in range(2)]
+    feats = adapter.frame_features(np.stack([data.render(sc) for sc in scenes]))
+    qas = data.questions(scenes[0], rng, n=2)
+    assert len(qas) == 2
+
+    def logits(samples):
+        b = build_batch(adapter, adapter.projector, feats, samples)
+        with torch.no_grad():
+            h = adapter.model.model(inputs_embeds=b.embeds, attention_mask=b.mask, position_ids=b.positions).last_hidden_state
+        return adapter.model.lm_head(h[b.where[:, 0], b.where[:, 1]]), b
+
+    # row 0: both turns packed; row 1: a longer clip, so row 0 is padded
+    packed, b = logits([([0], 64, [1.0], qas), ([0, 1], 64, [1.0, 2.0], qas[:1])])
+    alone = torch.cat([logits([([0], 64, [1.0], [qa])])[0] for qa in qas])
+    n = len(alone)
+    assert torch.allclose(packed[:n], alone, atol=1e-4)
+    assert b.first[:n].sum() == 2 and not b.mask[0, 0, -1, :-1].any()  # a padding row sees only itself
+    loss, ok = loss_on(adapter, b)
+    assert torch.isfinite(loss) and ok.shape == b.targets.shape
 
 
 @tiny

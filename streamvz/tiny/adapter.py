@@ -77,7 +77,7 @@ class TinyAdapter(Adapter):
     @torch.inference_mode()
     def encode_frames(self, frames) -> torch.Tensor:  # uint8 [T,H,W,3] -> [T, k, 576]
         feats = self.frame_features(frames)
-        return self.projector(reduce(feats, self.method, self.tokens_per_frame))
+        return self.projector(*reduce(feats, self.method, self.tokens_per_frame))
 
     # -- language --------------------------------------------------------------------------
     def ids(self, text: str, special: bool = False) -> list[int]:

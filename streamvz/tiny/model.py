@@ -2,16 +2,23 @@
 
     pixels = preprocess(frames)                       # uint8 [T,H,W,3] -> [T,3,224,224]
     feats = features(vision, pixels)                  # feature-layer states + CLS scores + keys
-    tokens = reduce(feats, "visionzip", 64)           # [T, 64, 384]
-    embeds = projector(tokens)                        # [T, 64, 576], SmolLM2's embedding space
+    tokens, pos = reduce(feats, "visionzip", 64)      # [T, 64, 384] + where each token sits [T, 64, 2]
+    embeds = projector(tokens, pos)                   # [T, 64, 576], SmolLM2's embedding space
 
 `features` runs the tower once and keeps what every reduction needs, so training and the
 benchmark compute DINOv2 once per image and compare VisionZip with the baselines (random
 drop, uniform pooling, top-CLS without merging) on identical features.
+
+Every kept token carries its place in the image: (x, y) of its patch centre in [0, 1], the
+mean place of the patches merged into it, or (-1, -1) for CLS. After 11 encoder layers a
+patch state says little about where it was, and a 135M LM cannot recover left/right from a
+token's index, so the projector is given the place explicitly.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import math
 
 import numpy as np
 import torch
@@ -26,18 +33,40 @@ FULL_TOKENS = (IMAGE_SIZE // 14) ** 2 + 1  # 16x16 patches + CLS = 257
 METHODS = ("full", "visionzip", "random", "pool", "topcls")
 
 
+POS_FREQS = 4  # sin/cos of pi * 2^i * coordinate, i < POS_FREQS
+
+
+def place_features(pos: torch.Tensor) -> torch.Tensor:
+    """[..., 2] places (CLS: negative) -> [..., 4 * POS_FREQS + 1] Fourier features + is-CLS flag."""
+    freqs = math.pi * 2.0 ** torch.arange(POS_FREQS, device=pos.device, dtype=pos.dtype)
+    angles = (pos[..., None] * freqs).flatten(-2)
+    is_cls = (pos[..., :1] < 0).to(pos.dtype)
+    return torch.cat([torch.cat([angles.sin(), angles.cos()], dim=-1) * (1 - is_cls), is_cls], dim=-1)
+
+
 class Projector(nn.Module):
-    """LLaVA-1.5's two-layer MLP, with a LayerNorm in front: DINOv2's un-normalised
-    feature-layer states have a few very large channels."""
+    """LLaVA-1.5's two-layer MLP, with a LayerNorm in front (DINOv2's un-normalised
+    feature-layer states have a few very large channels) and each token's place in the
+    image added to the hidden layer."""
 
     def __init__(self, vision_dim: int = 384, lm_dim: int = 576):
         super().__init__()
         self.norm = nn.LayerNorm(vision_dim)
         self.fc1 = nn.Linear(vision_dim, lm_dim)
+        self.place = nn.Linear(4 * POS_FREQS + 1, lm_dim)
         self.fc2 = nn.Linear(lm_dim, lm_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(self.norm(x)) + self.place(place_features(pos.to(x.dtype)))
+        return self.fc2(F.gelu(h))
+
+
+def places(n_tokens: int, device=None) -> torch.Tensor:
+    """[N, 2] place of each token of a CLS + square patch grid sequence (raster order)."""
+    side = int(round((n_tokens - 1) ** 0.5))
+    c = (torch.arange(side, device=device, dtype=torch.float32) + 0.5) / side
+    grid = torch.stack(torch.meshgrid(c, c, indexing="xy"), dim=-1).reshape(-1, 2)  # (x, y), row by row
+    return torch.cat([torch.full((1, 2), -1.0, device=device), grid])
 
 
 def preprocess(frames, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -93,25 +122,30 @@ def features(vision: nn.Module, pixels: torch.Tensor, feature_layer: int = FEATU
     return Features(hidden, scores, k.mean(dim=1))
 
 
-def reduce(feats: Features, method: str, tokens: int | None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Feature-layer states -> [B, tokens, D] by one of METHODS (tokens None or 257 = all)."""
+def reduce(feats: Features, method: str, tokens: int | None,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature-layer states -> ([B, tokens, D], their places [B, tokens, 2]) by one of METHODS
+    (tokens None or 257 = all)."""
     h = feats.hidden
     B, N, D = h.shape
+    pos = places(N, h.device).to(h.dtype).expand(B, N, 2)
     if method == "full" or tokens is None or tokens >= N:
-        return h
-    if method == "visionzip":
-        return select(h, feats.scores, feats.keys, *split(tokens), has_cls=True)[0]
-    if method == "topcls":  # VisionZip's dominant selection alone, no contextual merge
-        return select(h, feats.scores, feats.keys, tokens, 0, has_cls=True)[0]
+        return h, pos
+    if method in ("visionzip", "topcls"):  # topcls: VisionZip's dominant selection alone, no merge
+        dom, ctx = split(tokens) if method == "visionzip" else (tokens, 0)
+        kept, idx = select(h, feats.scores, feats.keys, dom, ctx, has_cls=True)
+        # A merged token's place is the mean place of its patches (same assignment: it comes from the keys).
+        return kept, select(pos, feats.scores, feats.keys, dom, ctx, has_cls=True, merge="average")[0]
     if method == "random":  # CLS + a random subset of patches, original order
         noise = torch.rand(B, N - 1, generator=generator).to(h.device)
         idx = noise.topk(tokens - 1, dim=1).indices.sort(dim=1).values + 1
-        idx = torch.cat([torch.zeros(B, 1, dtype=idx.dtype, device=h.device), idx], dim=1)
-        return h.gather(1, idx.unsqueeze(-1).expand(B, tokens, D))
+        idx = torch.cat([torch.zeros(B, 1, dtype=idx.dtype, device=h.device), idx], dim=1).unsqueeze(-1)
+        return h.gather(1, idx.expand(B, tokens, D)), pos.gather(1, idx.expand(B, tokens, 2))
     if method == "pool":  # uniform spatial average pooling of the patch grid to `tokens` cells
         side = int(round((N - 1) ** 0.5))
         rows = 2 ** int(np.floor(np.log2(tokens) / 2))
-        grid = h[:, 1:].transpose(1, 2).reshape(B, D, side, side)
-        pooled = F.adaptive_avg_pool2d(grid, (rows, tokens // rows))
-        return pooled.flatten(2).transpose(1, 2)
+        hp = torch.cat([h, pos], dim=-1)[:, 1:]
+        grid = hp.transpose(1, 2).reshape(B, D + 2, side, side)
+        pooled = F.adaptive_avg_pool2d(grid, (rows, tokens // rows)).flatten(2).transpose(1, 2)
+        return pooled[..., :D], pooled[..., D:]
     raise ValueError(f"unknown reduction {method!r}; one of {METHODS}")

@@ -9,7 +9,9 @@ Cheap enough for a 2-core CPU (about 50 minutes) because:
     them, so stage 2 starts from tokens that already read like the scene's words.
   * One frame carries several question/answer turns, so the frame's tokens go through
     the language model once for several supervised answers; logits are computed only
-    where an answer token is predicted; the LM runs under bf16 autocast.
+    where an answer token is predicted; the LM runs under bf16 autocast. An attention mask
+    keeps the turns apart: each sees the frames and itself at the positions it would have
+    if asked alone, exactly as the engine asks it (no answer can be read off an earlier turn).
   * Budgets are mixed per batch (all 257 tokens, VisionZip 64, 32 and 16), so one set of
     weights serves every tokens_per_frame. Some batches are 2-6 frame clips with "was
     there ...?" questions, the kind of question a long stream gets.
@@ -26,6 +28,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,12 +36,12 @@ import torch.nn.functional as F
 
 from . import data
 from .adapter import PROJECTOR, TinyAdapter
-from .model import FULL_TOKENS, Features, Projector, reduce
+from .model import FULL_TOKENS, Features, Projector, places, reduce
 from .lora import attach, beside, lora_state
 from .weights import cache_dir
 
 BUDGETS = (None, 64, 32, 16)  # None = all 257 tokens
-BUDGET_WEIGHTS = (0.15, 0.35, 0.35, 0.15)
+BUDGET_WEIGHTS = (0.25, 0.35, 0.25, 0.15)
 
 
 def cached_features(adapter: TinyAdapter, scenes: list[data.Scene], tag: str, batch: int = 16,
@@ -83,13 +86,14 @@ def align(adapter: TinyAdapter, projector: Projector, feats: Features, scenes: l
     targets = table[torch.from_numpy(rows)]
     is_obj = torch.from_numpy(labels >= 0).flatten()
     patches = feats.hidden[:, 1:].reshape(-1, feats.hidden.shape[-1])
+    where = places(feats.hidden.shape[1])[1:].repeat(len(scenes), 1)
     targets = targets.flatten(0, 1)
     obj_idx, bg_idx = is_obj.nonzero().squeeze(1), (~is_obj).nonzero().squeeze(1)
     opt = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
     for step in range(1, steps + 1):  # half object patches, half background per step
         pick = torch.cat([obj_idx[torch.from_numpy(rng.integers(len(obj_idx), size=tokens // 2))],
                           bg_idx[torch.from_numpy(rng.integers(len(bg_idx), size=tokens // 2))]])
-        loss = F.mse_loss(projector(patches[pick]), targets[pick]) / scale**2 * E.shape[1]
+        loss = F.mse_loss(projector(patches[pick], where[pick]), targets[pick]) / scale**2 * E.shape[1]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -97,40 +101,56 @@ def align(adapter: TinyAdapter, projector: Projector, feats: Features, scenes: l
             log(f"align {step}/{steps} relative mse {loss.item():.3f}")
 
 
-def build_batch(adapter: TinyAdapter, projector: Projector, feats: Features, samples: list) -> tuple:
-    """samples: [(image indices, budget, times, [(q, a), ...])] -> (embeds, mask, positions, targets,
-    first), `first` marking each answer's first token.
+class Batch(NamedTuple):
+    embeds: torch.Tensor  # [B, L, D]
+    mask: torch.Tensor  # [B, 1, L, L] bool, True = may attend
+    positions: torch.Tensor  # [B, L]
+    where: torch.Tensor  # [n, 2] (row, position) whose output predicts each target
+    targets: torch.Tensor  # [n]
+    first: torch.Tensor  # [n] bool, an answer's first token
 
-    Each sample is system + frames + (user turn + answer + end of turn) per QA pair; a target
-    is every answer token plus the first end-of-turn token (so the model learns to stop).
+
+def build_batch(adapter: TinyAdapter, projector: Projector, feats: Features, samples: list) -> Batch:
+    """samples: [(image indices, budget, times, [(q, a), ...])] -> Batch.
+
+    Each sample is system + frames, then one branch per QA pair (user turn + answer). A branch
+    attends to the frames and to itself only, and its positions continue from the frames, so
+    every answer is predicted from exactly the sequence the engine builds for that question
+    alone. Targets are every answer token plus the end-of-turn token (the model learns to stop).
     """
     eot = adapter.ids(adapter.chat.end_of_turn)[:1]
-    seqs, where, targets, first = [], [], [], []
+    seqs, pos, owner, where, targets, first = [], [], [], [], [], []
     for b, (idx, budget, times, qas) in enumerate(samples):
-        vis = projector(reduce(feats[list(idx)], "visionzip" if budget else "full", budget))
+        vis = projector(*reduce(feats[list(idx)], "visionzip" if budget else "full", budget))
         x = [adapter.prompt_embeds(list(vis), times, None)]
-        n = x[0].shape[0]
-        for q, a in qas:
-            user = adapter.ids(adapter.chat.user.format(q))
-            ans = adapter.ids(a) + eot
+        n = L = x[0].shape[0]
+        p, o = list(range(n)), [0] * n  # owner 0: the shared frames; i: the i-th QA branch
+        for i, (q, a) in enumerate(qas, 1):
+            user, ans = adapter.ids(adapter.chat.user.format(q)), adapter.ids(a) + eot
             x.append(adapter.embed_ids(user + ans[:-1]))
-            start = n + len(user) - 1  # the position whose output predicts the first answer token
+            start = L + len(user) - 1  # the output here predicts the first answer token
             where += [(b, start + j) for j in range(len(ans))]
             targets += ans
             first += [True] + [False] * (len(ans) - 1)
-            n += len(user) + len(ans) - 1
-            x.append(adapter.embed_ids(adapter.ids(adapter.chat.end_of_turn)))
-            n += len(adapter.ids(adapter.chat.end_of_turn))
+            p += range(n, n + len(user) + len(ans) - 1)
+            o += [i] * (len(user) + len(ans) - 1)
+            L += len(user) + len(ans) - 1
         seqs.append(torch.cat(x))
+        pos.append(p)
+        owner.append(o)
     L = max(s.shape[0] for s in seqs)
-    D = seqs[0].shape[1]
-    embeds = torch.zeros(len(seqs), L, D)
-    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    embeds = torch.zeros(len(seqs), L, seqs[0].shape[1])
+    positions = torch.zeros(len(seqs), L, dtype=torch.long)
+    own = torch.full((len(seqs), L), -1)  # -1: padding
     for b, s in enumerate(seqs):
         embeds[b, : s.shape[0]] = s
-        mask[b, : s.shape[0]] = 1
-    where_t = torch.tensor(where)
-    return embeds, mask, where_t, torch.tensor(targets), torch.tensor(first)
+        positions[b, : s.shape[0]] = torch.tensor(pos[b])
+        own[b, : s.shape[0]] = torch.tensor(owner[b])
+    q, k = own[:, :, None], own[:, None, :]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    mask = causal & (q >= 0) & (k >= 0) & ((k == 0) | (k == q))
+    mask |= torch.eye(L, dtype=torch.bool)  # padding rows attend to themselves (no empty softmax row)
+    return Batch(embeds, mask[:, None], positions, torch.tensor(where), torch.tensor(targets), torch.tensor(first))
 
 
 def sample_batch(rng: np.random.Generator, scenes: list[data.Scene], batch: int, qas: int, clip_p: float):
@@ -155,12 +175,12 @@ def sample_batch(rng: np.random.Generator, scenes: list[data.Scene], batch: int,
 def loss_on(adapter: TinyAdapter, batch, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy over the answer tokens, and which of them the model already gets right.
     bf16 autocast roughly halves a step on CPUs with AVX512-BF16 (and on GPUs)."""
-    embeds, mask, where, targets = batch[:4]
-    with torch.autocast(embeds.device.type, dtype=torch.bfloat16, enabled=bf16):
-        hidden = adapter.model.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        logits = adapter.model.lm_head(hidden[where[:, 0], where[:, 1]]).float()
-    loss = F.cross_entropy(logits, targets)
-    return loss, logits.argmax(-1) == targets
+    with torch.autocast(batch.embeds.device.type, dtype=torch.bfloat16, enabled=bf16):
+        hidden = adapter.model.model(inputs_embeds=batch.embeds, attention_mask=batch.mask,
+                                     position_ids=batch.positions).last_hidden_state
+        logits = adapter.model.lm_head(hidden[batch.where[:, 0], batch.where[:, 1]]).float()
+    loss = F.cross_entropy(logits, batch.targets)
+    return loss, logits.argmax(-1) == batch.targets
 
 
 @torch.no_grad()
@@ -175,11 +195,40 @@ def evaluate(adapter: TinyAdapter, projector: Projector, feats: Features, qas: l
             samples = [([j], budget, [0.0], qas[j]) for j in range(i, min(i + batch, len(qas)))]
             b = build_batch(adapter, projector, feats, samples)
             _, ok = loss_on(adapter, b, bf16)
-            right.append(ok[b[4]])
+            right.append(ok[b.first])
         right = torch.cat(right).numpy()
         out[budget or FULL_TOKENS] = {"all": float(right.mean()),
                                       **{str(k): float(right[kinds == k].mean()) for k in sorted(set(kinds))}}
     return out
+
+
+def save(args, argv, projector: Projector, lora: dict, hist: list, evals: list, timings: tuple, final: bool) -> None:
+    """Projector, LoRA beside it, and projector.json (command, args, held-out progress)."""
+    from safetensors.torch import save_file
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in projector.state_dict().items()}, str(args.out))
+    lora_path = beside(args.out)
+    if lora:
+        save_file({k: v.half() for k, v in lora_state(lora).items()}, str(lora_path))
+    elif lora_path.exists():
+        lora_path.unlink()  # a stale LoRA must not be merged into a projector trained without it
+    meta = {
+        "command": "python -m streamvz.tiny.train " + " ".join(argv),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "finished": final,
+        "lora": lora_path.name if lora else None,
+        "final_loss": float(np.mean([h[0] for h in hist[-20:]])),
+        "final_answer_acc": float(np.mean([h[1] for h in hist[-20:]])),
+        "held_out": evals,
+        "feature_seconds": round(timings[0]),
+        "align_seconds": round(timings[1]),
+        "train_seconds": round(timings[2]),
+        "steps_done": len(hist),
+        "torch": torch.__version__,
+    }
+    args.out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    print(f"saved {args.out} ({'final' if final else 'checkpoint'}, step {len(hist)})", flush=True)
 
 
 EVAL_SEED = 5_000  # held-out scenes for the progress line ("test" photos; the quality bench uses other seeds)
@@ -236,6 +285,7 @@ def main(argv=None) -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
     t1, hist, evals = time.time(), [], []
+    timings = (t_align - t0, t1 - t_align)
     params = [p for g in groups for p in g["params"]]
     for step in range(1, args.steps + 1):
         batch = build_batch(adapter, projector, feats, sample_batch(rng, scenes, args.batch, args.qas, args.clip_p))
@@ -245,7 +295,7 @@ def main(argv=None) -> int:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        hist.append((loss.item(), ok[batch[4]].float().mean().item()))
+        hist.append((loss.item(), ok[batch.first].float().mean().item()))
         if step % 10 == 0 or step == args.steps:
             l, a = np.mean(hist[-10:], axis=0)
             print(f"step {step}/{args.steps} loss {l:.3f} answer acc {a:.2f} "
@@ -258,30 +308,10 @@ def main(argv=None) -> int:
             for k, v in acc.items():
                 print(f"held-out answer acc at step {step}, {k} tokens: " + " ".join(f"{kk} {vv:.2f}" for kk, vv in v.items()),
                       flush=True)
+            if step < args.steps:  # a checkpoint: a run cut short keeps its latest weights
+                save(args, argv, projector, lora, hist, evals, timings + (time.time() - t1,), final=False)
 
-    from safetensors.torch import save_file
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in projector.state_dict().items()}, str(args.out))
-    lora_path = beside(args.out)
-    if lora:
-        save_file({k: v.half() for k, v in lora_state(lora).items()}, str(lora_path))
-    elif lora_path.exists():
-        lora_path.unlink()  # a stale LoRA must not be merged into a projector trained without it
-    meta = {
-        "command": "python -m streamvz.tiny.train " + " ".join(argv),
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "lora": lora_path.name if lora else None,
-        "final_loss": float(np.mean([h[0] for h in hist[-20:]])),
-        "final_answer_acc": float(np.mean([h[1] for h in hist[-20:]])),
-        "held_out": evals,
-        "train_seconds": round(time.time() - t1),
-        "feature_seconds": round(t_align - t0),
-        "align_seconds": round(t1 - t_align),
-        "torch": torch.__version__,
-    }
-    args.out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
-    print(f"saved {args.out} ({meta})")
+    save(args, argv, projector, lora, hist, evals, timings + (time.time() - t1,), final=True)
     return 0
 
 
