@@ -143,7 +143,7 @@ def long_recall(adapter, cache_budget: int, settings: list[tuple[str, int | None
         log(f"long {name:14s} window {len(window)} frames, events in window {sum(seen)}/{ev}, "
             f"recall {out[name]['event_recall']:.2f}, absent correct {out[name]['absent_correct']:.2f}")
     return {"cache_budget_tokens": cache_budget, "minutes": minutes, "fps": fps,
-            "event_times_s": [t for t, _ in video.events], "settings": out}
+            "event_times_s": [round(float(t), 1) for t, _ in video.events], "settings": out}
 
 
 def table(results: dict) -> str:
