@@ -16,9 +16,8 @@ token's index, so the projector is given the place explicitly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -133,7 +132,7 @@ def reduce(feats: Features, method: str, tokens: int | None,
         return h, pos
     if method in ("visionzip", "topcls"):  # topcls: VisionZip's dominant selection alone, no merge
         dom, ctx = split(tokens) if method == "visionzip" else (tokens, 0)
-        kept, idx = select(h, feats.scores, feats.keys, dom, ctx, has_cls=True)
+        kept = select(h, feats.scores, feats.keys, dom, ctx, has_cls=True)[0]
         # A merged token's place is the mean place of its patches (same assignment: it comes from the keys).
         return kept, select(pos, feats.scores, feats.keys, dom, ctx, has_cls=True, merge="average")[0]
     if method == "random":  # CLS + a random subset of patches, original order
