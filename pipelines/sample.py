@@ -28,4 +28,4 @@ def write_sample(path: str, seconds: float = 8.0, fps: int = 4, seed: int = 0) -
     stays = scenes[-1].objects[0]
     return [(f"What color is the {stays.shape}?", stays.colour),
             (f"Is there a {stays.name}?", "yes"),
-            ("How many shapes are there?", str(len(scenes[-1].objects)))]
+            ("How many shapes are there now?", str(len(scenes[-1].objects)))]

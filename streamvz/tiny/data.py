@@ -229,8 +229,10 @@ def questions(scene: Scene, rng: np.random.Generator, n: int = 4) -> list[tuple[
 
 
 def clip_questions(scenes: list[Scene], rng: np.random.Generator, n: int = 2) -> list[tuple[str, str]]:
-    """Questions over several frames: was an object seen in any of them."""
+    """Questions over several frames: was an object seen in any of them, and how many shapes
+    are in view now (in the last frame; always asked, it is what a live stream is asked most)."""
     seen = {(o.colour, o.shape) for s in scenes for o in s.objects}
+    now = ("How many shapes are there now?", str(len(scenes[-1].objects)))
     pool = []
     for c, s in seen:
         pool.append((f"Was there a {c} {s}?", "yes"))
@@ -239,8 +241,8 @@ def clip_questions(scenes: list[Scene], rng: np.random.Generator, n: int = 2) ->
         if pair not in seen:
             pool.append((f"Was there a {pair[0]} {pair[1]}?", "no"))
     pool = list(dict.fromkeys(pool))
-    order = rng.permutation(len(pool))[:n]
-    return [pool[i] for i in order]
+    order = rng.permutation(len(pool))[: n - 1]
+    return [now] + [pool[i] for i in order]
 
 
 # ---------------------------------------------------------------------------------------
