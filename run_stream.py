@@ -159,7 +159,13 @@ async def cmd_demo(a) -> int:
                     await asyncio.sleep(0.05)
                 interval = a.seconds / (len(questions) + 1)
                 for i, (q, expected) in enumerate(questions):
-                    if i:
+                    if i and i == len(questions) - 1:  # the last once the whole clip is in: its "now" is the end
+                        for _ in range(int(a.seconds * 20) + 1200):
+                            st = await chat.status()
+                            if st["source"] != "running" and not st["frames_pending"]:
+                                break
+                            await asyncio.sleep(0.05)
+                    elif i:
                         await asyncio.sleep(interval)  # ask while the clip streams
                     st = await chat.status()
                     print(f"\n[{st['frames_seen']} frames seen, {st['frames_in_window']} in window, "

@@ -23,10 +23,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # name -> (script, CPU arguments, GPU arguments). CPU sizes keep the whole run under 20 min.
 SUITES = {
-    "visionzip": ("visionzip_bench.py", ["--batch", "2", "--lm-layers", "2", "--repeats", "3"],
+    "visionzip": ("visionzip_bench.py", ["--batch", "2", "--lm-layers", "2", "--repeats", "2"],
                   ["--batch", "1", "8", "32", "--lm-layers", "32", "--repeats", "10"]),
     "decode": ("decode_bench.py", ["--seconds", "10", "--repeat", "1"], ["--seconds", "20"]),
-    "ingest": ("ingest_bench.py", ["--frames", "12"], ["--frames", "64", "--sessions", "1", "4", "8", "16"]),
+    "ingest": ("ingest_bench.py", ["--frames", "8"], ["--frames", "64", "--sessions", "1", "4", "8", "16"]),
     "stream": ("stream_bench.py", ["--asks", "2", "--repeats", "3"], ["--lm", "7b"]),
     "serve": ("serve_bench.py", [], []),
     "quality": ("quality_bench.py", [], []),
@@ -47,7 +47,8 @@ def run_suite(name, script, extra, device, tmp) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     took = time.time() - t
     print(proc.stdout[-6000:], flush=True)
-    result = {"command": " ".join(["python", *cmd[1:]]).replace(tmp + "/", ""), "seconds": round(took, 1),
+    shown = " ".join(["python", *cmd[1:]]).replace(tmp + "/", "").replace(os.path.dirname(HERE) + "/", "")
+    result = {"command": shown, "seconds": round(took, 1),
               "returncode": proc.returncode, "stdout": proc.stdout}
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)

@@ -51,6 +51,18 @@ def test_questions_agree_with_the_scene():
                 assert a == ("left" if o.cx < data.SIZE / 2 else "right")
 
 
+def test_clip_questions_ask_about_the_whole_clip_and_count_the_last_frame():
+    rng = np.random.default_rng(4)
+    for _ in range(30):
+        clip = [data.random_scene(rng, "train") for _ in range(int(rng.integers(2, 8)))]
+        qas = data.clip_questions(clip, rng, n=6)
+        assert qas[0] == ("How many shapes are there now?", str(len(clip[-1].objects)))
+        seen = {(o.colour, o.shape) for s in clip for o in s.objects}
+        for q, a in qas[1:]:
+            colour, shape = q[len("Was there a "):-1].split()
+            assert (a == "yes") == ((colour, shape) in seen)
+
+
 def test_train_and_test_backgrounds_never_share_a_photo():
     assert not set(data.TRAIN_PHOTOS) & set(data.TEST_PHOTOS)
     rng = np.random.default_rng(3)

@@ -2,7 +2,7 @@
 
     python -m streamvz.tiny.train          # the committed weights: streamvz/tiny/assets/{projector,lora}.*
 
-Cheap enough for a 2-core CPU (about 45 minutes) because:
+Cheap enough for a 2-core CPU (about 55 minutes) because:
   * DINOv2 runs once per training image; its feature-layer states, CLS scores and keys
     are cached (in the streamvz cache dir), and every token budget is cut from them.
   * Stage 1 needs no LM: patch tokens are pulled towards the word embeddings of what covers
