@@ -125,6 +125,14 @@ async def cmd_live(a) -> int:
 
 # --- demo ----------------------------------------------------------------------------------
 
+async def _until(chat, ok, seconds: float) -> None:
+    """Poll the session's status until ok(status), or give up after `seconds`."""
+    for _ in range(int(seconds * 20)):
+        if ok(await chat.status()):
+            return
+        await asyncio.sleep(0.05)
+
+
 async def cmd_demo(a) -> int:
     """Start a server on a free port, generate a sample clip, stream it, ask, print the answers."""
     from clients.ws_chat import WsChat
@@ -153,18 +161,12 @@ async def cmd_demo(a) -> int:
                 opened = await chat.open(source=os.path.basename(clip), fps=a.fps)
                 print(f"demo: session {opened['session']} watching {os.path.basename(clip)} at {a.fps:g} fps "
                       "(played in real time)", flush=True)
-                for _ in range(600):  # the first question once a couple of frames are in
-                    if (await chat.status())["frames_in_window"] >= 2:
-                        break
-                    await asyncio.sleep(0.05)
+                await _until(chat, lambda st: st["frames_in_window"] >= 2, 30)  # the first question once a couple are in
                 interval = a.seconds / (len(questions) + 1)
                 for i, (q, expected) in enumerate(questions):
                     if i and i == len(questions) - 1:  # the last once the whole clip is in: its "now" is the end
-                        for _ in range(int(a.seconds * 20) + 1200):
-                            st = await chat.status()
-                            if st["source"] != "running" and not st["frames_pending"]:
-                                break
-                            await asyncio.sleep(0.05)
+                        await _until(chat, lambda st: st["source"] != "running" and not st["frames_pending"],
+                                     a.seconds + 60)
                     elif i:
                         await asyncio.sleep(interval)  # ask while the clip streams
                     st = await chat.status()
