@@ -135,6 +135,7 @@ async def _until(chat, ok, seconds: float) -> None:
 
 async def cmd_demo(a) -> int:
     """Start a server on a free port, generate a sample clip, stream it, ask, print the answers."""
+    from clients.answer import usage_line
     from clients.ws_chat import WsChat
     from pipelines.sample import write_sample
     from pipelines.ws_chat import ServeConfig, serve
@@ -175,9 +176,7 @@ async def cmd_demo(a) -> int:
                     answer = chat.ask(q, max_tokens=a.max_tokens)
                     async for delta in answer:
                         print(delta, end="", flush=True)
-                    u = answer.usage
-                    print(f"\n   ({u['completion_tokens']} tokens, first after {u['ttft_s'] or 0:.2f}s, "
-                          f"{u['tokens_per_s'] or 0:.1f} tok/s, {u['finish_reason']})"
+                    print(f"\n   ({usage_line(answer.usage)})"
                           + (f"  expected at the end of the clip: {expected}" if expected else ""), flush=True)
                 await chat.close()
         finally:

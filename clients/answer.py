@@ -80,14 +80,18 @@ async def questions(asked: list[str]):
         yield line.strip()
 
 
+def usage_line(u: dict) -> str:
+    """`3 tokens, first after 0.04s, 25.1 tok/s, stop`; no rate for a one-token answer (undefined)."""
+    rate = f", {u['tokens_per_s']:.1f} tok/s" if u.get("tokens_per_s") else ""
+    return f"{u.get('completion_tokens')} tokens, first after {u.get('ttft_s') or 0:.2f}s{rate}, {u.get('finish_reason')}"
+
+
 async def print_answer(answer: Answer, question: str) -> None:
     """Print a question, its streamed answer and its usage line; an error is printed, not raised."""
     print(f"Q: {question}\nA: ", end="", flush=True)
     try:
         async for delta in answer:
             print(delta, end="", flush=True)
-        u = answer.usage
-        print(f"\n   [{u.get('completion_tokens')} tokens, first after {u.get('ttft_s') or 0:.2f}s, "
-              f"{u.get('tokens_per_s') or 0:.1f} tok/s]", flush=True)
+        print(f"\n   [{usage_line(answer.usage)}]", flush=True)
     except StreamError as e:
         print(f"\nerror [{e.code}]: {e.message}", flush=True)

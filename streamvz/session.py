@@ -105,7 +105,8 @@ class Answer:
         self.finish_reason = reason
         end = time.perf_counter()
         n = len(self.token_ids)
-        rate = (n - 1) / (self.t_last - self.t_first) if n > 1 and self.t_last > self.t_first else 0.0
+        # Decode rate between the first and the last token: undefined (None) for a one-token answer.
+        rate = (n - 1) / (self.t_last - self.t_first) if n > 1 and self.t_last > self.t_first else None
         self.usage = dict(prompt_tokens=self.prompt_tokens, completion_tokens=n,
                           ttft_s=None if self.t_first is None else self.t_first - self.t_ask,
                           tokens_per_s=rate, total_s=end - self.t_ask, finish_reason=reason)

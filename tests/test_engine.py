@@ -59,6 +59,10 @@ async def test_full_tokens_equal_generate(tiny_llava):
     assert text1 == ad.tokenizer.decode(a1.token_ids, skip_special_tokens=True)
     assert a1.usage["finish_reason"] == "length" and a1.usage["completion_tokens"] == 8
     assert a1.usage["prompt_tokens"] == len(engine.question_ids(Q1))
+    assert a1.usage["tokens_per_s"] > 0
+    one = s.ask(Q1, max_new_tokens=1)
+    await one.result()
+    assert one.usage["completion_tokens"] <= 1 and one.usage["tokens_per_s"] is None  # no rate from one token
     await engine.aclose()
 
 

@@ -45,7 +45,7 @@ function onMessage(m) {
     case "done": {
       svz.done[m.id] = m.usage;
       const u = m.usage || {};
-      log("meta", `${u.completion_tokens ?? u.deltas} tokens, first after ${fmt(u.ttft_s)} s, ${fmt(u.tokens_per_s)} tok/s, ${u.finish_reason || ""}`);
+      log("meta", `${u.completion_tokens ?? u.deltas} tokens, first after ${fmt(u.ttft_s)} s, ${u.tokens_per_s == null ? "" : fmt(u.tokens_per_s) + " tok/s, "}${u.finish_reason || ""}`);
       break;
     }
     case "closed":
