@@ -237,6 +237,18 @@ def test_checksum_catches_a_changed_file(tmp_path, adapter):
 
 
 @tiny
+def test_feature_cache_is_named_by_the_generator_version(monkeypatch, tmp_path, adapter):
+    """Cached DINOv2 features are keyed by data.VERSION: a changed generator never reads old ones."""
+    from streamvz.tiny.train import cached_features
+
+    monkeypatch.setenv("STREAMVZ_HOME", str(tmp_path))
+    scenes = [data.random_scene(np.random.default_rng(8), "test")]
+    first = cached_features(adapter, scenes, "probe", log=lambda msg: None)
+    assert [p.name for p in (tmp_path / "features").iterdir()] == [f"probe-v{data.VERSION}.pt"]
+    assert torch.equal(cached_features(adapter, scenes, "probe").hidden, first.hidden)
+
+
+@tiny
 def test_encode_frames_shapes_for_every_budget(adapter):
     frames = np.stack([data.render(data.random_scene(np.random.default_rng(i), "test")) for i in range(2)])
     assert adapter.encode_frames(frames).shape == (2, 64, 576)

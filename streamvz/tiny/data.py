@@ -36,6 +36,7 @@ TEST_PHOTOS = ("cat", "hubble_deep_field", "retina", "text")
 MAX_OBJECTS = 3
 ANSWERS = (*COLOURS, *SHAPES, "yes", "no", "left", "right", "top", "bottom",
            *(str(i) for i in range(MAX_OBJECTS + 1)))
+VERSION = 1  # of scene sampling and rendering; part of every cached-features name, so old caches are not reused
 
 
 @dataclass(frozen=True)

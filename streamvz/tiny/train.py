@@ -46,8 +46,9 @@ BUDGET_WEIGHTS = (0.25, 0.35, 0.25, 0.15)
 
 def cached_features(adapter: TinyAdapter, scenes: list[data.Scene], tag: str, batch: int = 16,
                     log=print) -> Features:
-    """DINOv2 features of the rendered scenes, computed once and kept in the cache dir."""
-    path = cache_dir() / "features" / f"{tag}.pt"
+    """DINOv2 features of the rendered scenes, computed once and kept in the cache dir (the
+    name carries data.VERSION: scenes drawn by an older generator are never reused)."""
+    path = cache_dir() / "features" / f"{tag}-v{data.VERSION}.pt"
     if path.exists():
         d = torch.load(path)
         return Features(d["hidden"].float(), d["scores"].float(), d["keys"].float())
