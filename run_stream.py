@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -56,6 +57,20 @@ def make_engine(a, **limits):
 
 # --- serve ---------------------------------------------------------------------------------
 
+def dump_state(file=None) -> None:
+    """Every asyncio task's stack and every thread's, to stderr: `kill -USR1 <pid>` on a server
+    that seems stuck (on shutdown, say) shows what it is waiting on, without stopping it."""
+    import faulthandler
+
+    file = file or sys.stderr
+    tasks = asyncio.all_tasks()
+    print(f"streamvz: {len(tasks)} asyncio tasks", file=file)
+    for t in tasks:
+        t.print_stack(limit=12, file=file)
+    file.flush()
+    faulthandler.dump_traceback(file=file, all_threads=True)
+
+
 async def cmd_serve(a) -> int:
     from pipelines.ws_chat import ServeConfig, serve
     from streamvz.protocol import Limits
@@ -66,6 +81,8 @@ async def cmd_serve(a) -> int:
                       mqtt_user=a.mqtt_user, mqtt_password=a.mqtt_password or os.environ.get("STREAMVZ_MQTT_PASSWORD"),
                       mqtt_ca=a.mqtt_ca, mqtt_idle_s=a.mqtt_idle or None, media_roots=a.media_root, token=a.token or os.environ.get("STREAMVZ_TOKEN"),
                       origins=a.origin, grace_s=a.grace, limits=limits)
+    if hasattr(signal, "SIGUSR1"):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump_state)
     async with make_engine(a, max_question_chars=a.max_question_chars) as engine:
         ready = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(serve(engine, cfg, ready))

@@ -3,7 +3,7 @@ their printed tables into bench/results/<machine>.md (the summary the README sho
 
     python bench/run_all.py                  # CPU: sized to finish in under 20 minutes on 2 cores
     python bench/run_all.py --device cuda    # GPU: 7B-shaped LLaVA in bf16
-    python bench/run_all.py --only visionzip stream
+    python bench/run_all.py --only visionzip stream   # re-run these; the others' last results stay
 """
 from __future__ import annotations
 
@@ -74,6 +74,11 @@ def main():
     name = machine_name(args.device)
     started = datetime.datetime.now(datetime.timezone.utc)
     report = {"machine": machine(args.device), "date": started.isoformat(timespec="seconds"), "suites": {}}
+    path = os.path.join(RESULTS, f"{name}.json")
+    if args.only and os.path.exists(path):  # a partial run updates the summary instead of replacing it
+        with open(path) as f:
+            old = json.load(f)
+        report["suites"] = {k: {"date": old["date"], **v} for k, v in old["suites"].items()}
     with tempfile.TemporaryDirectory() as tmp:
         for suite in args.only or SUITES:
             script, cpu_args, gpu_args = SUITES[suite]
@@ -81,15 +86,18 @@ def main():
                 print(f"skip {suite}: {script} missing")
                 continue
             report["suites"][suite] = run_suite(suite, script, gpu_args if gpu else cpu_args, args.device, tmp)
+            report["suites"][suite]["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(report, f, indent=2)
     md = [f"# streamvz bench: {name}", "",
           f"Date {report['date']}, machine {report['machine']}, command `python bench/run_all.py"
-          f"{' --device ' + args.device if gpu else ''}`.", ""]
+          f"{' --device ' + args.device if gpu else ''}"
+          f"{' --only ' + ' '.join(args.only) + '` (other suites: the date shown with each)' if args.only else '`'}.", ""]
     for suite, r in report["suites"].items():
         status = "" if r["returncode"] == 0 else f" (FAILED, exit {r['returncode']})"
-        md += [f"## {suite}{status}", "", f"`{r['command']}` ({r['seconds']} s)", "", tables(r["stdout"]), ""]
+        when = f", {r['date'][:10]}" if "date" in r else ""
+        md += [f"## {suite}{status}", "", f"`{r['command']}` ({r['seconds']} s{when})", "", tables(r["stdout"]), ""]
     with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
         f.write("\n".join(md))
     total = sum(r["seconds"] for r in report["suites"].values())

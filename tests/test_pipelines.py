@@ -114,7 +114,7 @@ async def test_serve_command_both_transports(tiny_llava, broker):  # noqa: F811
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(ROOT / "run_stream.py"), "serve", "--model", tiny_llava, "--tokens-per-frame", "8",
         "--transport", "both", "--port", "0", "--broker-port", str(broker.port),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         port = None
         while port is None:
@@ -128,9 +128,26 @@ async def test_serve_command_both_transports(tiny_llava, broker):  # noqa: F811
         async with MqttChat("127.0.0.1", broker.port, session="served", timeout=60) as chat:
             await chat.open()
             assert await chat.ask("Over MQTT?", max_tokens=3).result()
+        proc.send_signal(signal.SIGUSR1)  # the operator's state dump: tasks and threads, and it keeps serving
+        dump = b""
+        while b"Current thread" not in dump:
+            chunk = await asyncio.wait_for(proc.stderr.read(4096), 30)
+            assert chunk, f"serve exited on SIGUSR1: {dump[-2000:]}"
+            dump += chunk
+        assert b"asyncio tasks" in dump and b"Stack for <Task" in dump, dump[-2000:]
+        async with WsChat(f"ws://127.0.0.1:{port}/ws") as chat:
+            await chat.open()
+            assert await chat.ask("Still there?", max_tokens=3).result()
     finally:
         proc.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(proc.wait(), 30) in (0, 130)
+        try:
+            assert await asyncio.wait_for(proc.wait(), 30) in (0, 130)
+        except TimeoutError:  # show where shutdown hangs before failing
+            proc.send_signal(signal.SIGUSR1)
+            await asyncio.sleep(2)
+            proc.kill()
+            pytest.fail("serve did not exit within 30 s of SIGINT; its state:\n"
+                        + (await proc.stderr.read()).decode(errors="replace")[-6000:])
 
 
 @pytest.mark.tiny
