@@ -57,18 +57,17 @@ def make_engine(a, **limits):
 
 # --- serve ---------------------------------------------------------------------------------
 
-def dump_state(file=None) -> None:
+def dump_state() -> None:
     """Every asyncio task's stack and every thread's, to stderr: `kill -USR1 <pid>` on a server
     that seems stuck (on shutdown, say) shows what it is waiting on, without stopping it."""
     import faulthandler
 
-    file = file or sys.stderr
     tasks = asyncio.all_tasks()
-    print(f"streamvz: {len(tasks)} asyncio tasks", file=file)
+    print(f"streamvz: {len(tasks)} asyncio tasks", file=sys.stderr)
     for t in tasks:
-        t.print_stack(limit=12, file=file)
-    file.flush()
-    faulthandler.dump_traceback(file=file, all_threads=True)
+        t.print_stack(limit=12, file=sys.stderr)
+    sys.stderr.flush()  # before faulthandler writes to the same descriptor directly
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
 
 
 async def cmd_serve(a) -> int:

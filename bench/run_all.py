@@ -65,6 +65,10 @@ def tables(stdout: str) -> str:
     return "\n".join(keep)
 
 
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -72,8 +76,7 @@ def main():
     args = p.parse_args()
     gpu = args.device.startswith("cuda")
     name = machine_name(args.device)
-    started = datetime.datetime.now(datetime.timezone.utc)
-    report = {"machine": machine(args.device), "date": started.isoformat(timespec="seconds"), "suites": {}}
+    report = {"machine": machine(args.device), "date": now(), "suites": {}}
     path = os.path.join(RESULTS, f"{name}.json")
     if args.only and os.path.exists(path):  # a partial run updates the summary instead of replacing it
         with open(path) as f:
@@ -86,7 +89,7 @@ def main():
                 print(f"skip {suite}: {script} missing")
                 continue
             report["suites"][suite] = run_suite(suite, script, gpu_args if gpu else cpu_args, args.device, tmp)
-            report["suites"][suite]["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            report["suites"][suite]["date"] = now()
     os.makedirs(RESULTS, exist_ok=True)
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
