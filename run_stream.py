@@ -81,15 +81,16 @@ async def cmd_serve(a) -> int:
                       mqtt_ca=a.mqtt_ca, mqtt_idle_s=a.mqtt_idle or None, media_roots=a.media_root, token=a.token or os.environ.get("STREAMVZ_TOKEN"),
                       origins=a.origin, grace_s=a.grace, limits=limits)
     loop, stop = asyncio.get_running_loop(), asyncio.Event()
-    if hasattr(signal, "SIGUSR1"):
+
+    def shutdown():
+        stop.set()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C interrupts a shutdown that hangs
+            loop.remove_signal_handler(sig)
+
+    if hasattr(signal, "SIGUSR1"):  # POSIX: the loop takes signal handlers
         loop.add_signal_handler(signal.SIGUSR1, dump_state)
         # SIGINT/SIGTERM set `stop` through the loop, so shutdown is always serve's own cleanup. (Left to
         # KeyboardInterrupt, uvloop sometimes never cancelled the main task and serve hung; the serve test's dump.)
-        def shutdown():
-            stop.set()
-            for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C interrupts a shutdown that hangs
-                loop.remove_signal_handler(sig)
-
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, shutdown)
     async with make_engine(a, max_question_chars=a.max_question_chars) as engine:
