@@ -34,9 +34,11 @@ def test_scenes_have_unique_shapes_and_colours_and_render():
 
 def test_questions_agree_with_the_scene():
     rng = np.random.default_rng(2)
+    kinds = set()
     for _ in range(50):
         s = data.random_scene(rng, "test")
         for q, a in data.questions(s, rng, n=10):
+            kinds.add(data.kind_of(q))
             assert a in data.ANSWERS
             if q.startswith("How many"):
                 assert a == str(len(s.objects))
@@ -49,6 +51,11 @@ def test_questions_agree_with_the_scene():
             elif "left or the right" in q:
                 o = next(o for o in s.objects if q.startswith(f"Is the {o.name} "))
                 assert a == ("left" if o.cx < data.SIZE / 2 else "right")
+                assert abs(o.cx - data.SIZE / 2) > o.size / 3  # most of it on that side
+            elif q == "What is the background?":
+                assert a == data.BACKGROUNDS[s.background[0]]
+            assert data.kind_of(q) != "other", q
+    assert kinds == {"count", "colour", "shape", "present", "position", "background"}
 
 
 def test_clip_questions_ask_about_the_whole_clip_and_count_the_last_frame():
@@ -61,6 +68,17 @@ def test_clip_questions_ask_about_the_whole_clip_and_count_the_last_frame():
         for q, a in qas[1:]:
             colour, shape = q[len("Was there a "):-1].split()
             assert (a == "yes") == ((colour, shape) in seen)
+
+
+def test_gradients_and_stripes_never_look_plain():
+    """Their two colours differ clearly, so "What is the background?" always has a visible answer."""
+    rng = np.random.default_rng(6)
+    for _ in range(300):
+        bg = data.random_background(rng, "train")
+        if bg[0] in ("gradient", "stripes"):
+            assert max(abs(x - y) for x, y in zip(bg[1], bg[2])) >= 60
+            img = data.render(data.Scene(bg)).astype(int)
+            assert np.ptp(img.reshape(-1, 3), axis=0).max() >= 55  # both colours are in the picture
 
 
 def test_train_and_test_backgrounds_never_share_a_photo():
