@@ -250,7 +250,7 @@ def clip_questions(scenes: list[Scene], rng: np.random.Generator, n: int = 2) ->
     pool = []
     for c, s in seen:
         pool.append((f"Was there a {c} {s}?", "yes"))
-    for _ in range(len(seen)):
+    for _ in range(max(1, len(seen))):  # an empty clip still gets a "no"
         pair = (str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
         if pair not in seen:
             pool.append((f"Was there a {pair[0]} {pair[1]}?", "no"))

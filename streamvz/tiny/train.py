@@ -42,6 +42,7 @@ from .weights import cache_dir
 
 BUDGETS = (None, 64, 32, 16)  # None = all 257 tokens
 BUDGET_WEIGHTS = (0.25, 0.35, 0.25, 0.15)
+SPARSE_P = 0.5  # share of clips that are mostly empty frames
 
 
 def cached_features(adapter: TinyAdapter, scenes: list[data.Scene], tag: str, batch: int = 16,
@@ -68,8 +69,10 @@ def cached_features(adapter: TinyAdapter, scenes: list[data.Scene], tag: str, ba
 def align(adapter: TinyAdapter, projector: Projector, feats: Features, scenes: list[data.Scene],
           steps: int, rng: np.random.Generator, tokens: int = 2048, lr: float = 3e-3, log=print) -> None:
     """Stage 1, no language model in the loop (seconds per step instead of a minute): pull each
-    patch token towards the word embeddings of what covers it (" red" + " circle", or the
-    background's answer word, " striped"), so the LM starts from tokens that already read like the scene's words."""
+    patch token towards the word embeddings of what covers it (" red" + " circle", or "." for
+    background), so the LM starts from tokens that already read like the scene's words. (Aligning
+    background patches to the background's word instead made empty frames read like content: the
+    long video then answered "yes" to objects it never showed.)"""
     E = adapter.model.get_input_embeddings().weight.detach()
     scale = E.norm(dim=-1).mean()
 
@@ -79,12 +82,11 @@ def align(adapter: TinyAdapter, projector: Projector, feats: Features, scenes: l
 
     labels = np.stack([data.patch_labels(s) for s in scenes])  # [N, 256], object index or -1
     pairs = [(c, s) for c in data.COLOURS for s in data.SHAPES]
-    grounds = list(data.BACKGROUNDS)  # rows 0..3: the background's word; then one row per object
-    table = torch.stack([word(" " + data.BACKGROUNDS[g]) for g in grounds] + [word(" " + c, " " + s) for c, s in pairs])
+    table = torch.stack([word(".")] + [word(" " + c, " " + s) for c, s in pairs])  # row 0: background
     rows = np.zeros_like(labels)
     for i, sc in enumerate(scenes):
-        ids = np.array([len(grounds) + pairs.index((o.colour, o.shape)) for o in sc.objects] or [0])
-        rows[i] = np.where(labels[i] >= 0, ids[np.maximum(labels[i], 0)], grounds.index(sc.background[0]))
+        ids = np.array([1 + pairs.index((o.colour, o.shape)) for o in sc.objects] or [0])
+        rows[i] = np.where(labels[i] >= 0, ids[np.maximum(labels[i], 0)], 0)
     targets = table[torch.from_numpy(rows)]
     is_obj = torch.from_numpy(labels >= 0).flatten()
     patches = feats.hidden[:, 1:].reshape(-1, feats.hidden.shape[-1])
@@ -156,7 +158,8 @@ def build_batch(adapter: TinyAdapter, projector: Projector, feats: Features, sam
     return Batch(embeds, mask[:, None], positions, torch.tensor(where), torch.tensor(targets), torch.tensor(first))
 
 
-def sample_batch(rng: np.random.Generator, scenes: list[data.Scene], batch: int, qas: int, clip_p: float):
+def sample_batch(rng: np.random.Generator, scenes: list[data.Scene], batch: int, qas: int, clip_p: float,
+                 empty: list[int] = ()):
     budget = BUDGETS[rng.choice(len(BUDGETS), p=BUDGET_WEIGHTS)]
     clip = budget is not None and rng.random() < clip_p
     out = []
@@ -166,6 +169,10 @@ def sample_batch(rng: np.random.Generator, scenes: list[data.Scene], batch: int,
             # tokens), so long windows are seen in training too.
             n = int(rng.integers(2, max(6, 384 // budget) + 1))
             idx = [int(i) for i in rng.choice(len(scenes), size=n, replace=False)]
+            if len(empty) and rng.random() < SPARSE_P:
+                # a stream that mostly shows nothing (a quiet camera, the long video): most
+                # frames are empty, so "was there ...?" must come from the few that are not
+                idx = [int(rng.choice(empty)) if rng.random() < 0.8 else i for i in idx]
             t0, gap = float(rng.integers(0, 600)), float(rng.integers(1, 30))
             times = [t0 + gap * j for j in range(n)]
             pairs = data.clip_questions([scenes[i] for i in idx], rng, n=qas)
@@ -249,6 +256,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--qas", type=int, default=8, help="question/answer turns per sample")
     ap.add_argument("--clip-p", type=float, default=0.15, help="share of compressed batches that are clips")
+    ap.add_argument("--empty", type=int, default=128, help="extra training frames with no object")
     ap.add_argument("--lr", type=float, default=2e-3, help="projector learning rate")
     ap.add_argument("--lora-rank", type=int, default=8, help="LoRA rank on the LM's attention (0: projector only)")
     ap.add_argument("--lora-lr", type=float, default=2e-3)
@@ -266,11 +274,16 @@ def main(argv=None) -> int:
 
     adapter = TinyAdapter(tokens_per_frame=None, device="cpu", dtype=torch.float32, projector=None)
     scenes = [data.random_scene(rng, "train") for _ in range(args.images)]
+    empty_rng = np.random.default_rng([args.seed, 1])  # its own stream: the scenes above stay the same
+    empties = [data.Scene(data.random_background(empty_rng, "train")) for _ in range(args.empty)]
     ev_rng = np.random.default_rng(EVAL_SEED)
     ev_scenes = [data.random_scene(ev_rng, "test") for _ in range(args.eval_scenes)]
     ev_qas = [data.questions(sc, ev_rng, n=args.qas) for sc in ev_scenes]
     t0 = time.time()
     feats = cached_features(adapter, scenes, f"train-seed{args.seed}-n{args.images}")
+    if empties:
+        feats = Features.cat([feats, cached_features(adapter, empties, f"empty-seed{args.seed}-n{args.empty}")])
+    empty, scenes = list(range(len(scenes), len(scenes) + len(empties))), scenes + empties
     ev_feats = cached_features(adapter, ev_scenes, f"eval-seed{EVAL_SEED}-n{args.eval_scenes}")
     print(f"features ready: {tuple(feats.hidden.shape)} in {time.time() - t0:.0f}s", flush=True)
 
@@ -293,7 +306,7 @@ def main(argv=None) -> int:
     timings = (t_align - t0, t1 - t_align)
     params = [p for g in groups for p in g["params"]]
     for step in range(1, args.steps + 1):
-        batch = build_batch(adapter, projector, feats, sample_batch(rng, scenes, args.batch, args.qas, args.clip_p))
+        batch = build_batch(adapter, projector, feats, sample_batch(rng, scenes, args.batch, args.qas, args.clip_p, empty))
         loss, ok = loss_on(adapter, batch, bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
