@@ -69,10 +69,9 @@ def cached_features(adapter: TinyAdapter, scenes: list[data.Scene], tag: str, ba
 def align(adapter: TinyAdapter, projector: Projector, feats: Features, scenes: list[data.Scene],
           steps: int, rng: np.random.Generator, tokens: int = 2048, lr: float = 3e-3, log=print) -> None:
     """Stage 1, no language model in the loop (seconds per step instead of a minute): pull each
-    patch token towards the word embeddings of what covers it (" red" + " circle", or "." for
-    background), so the LM starts from tokens that already read like the scene's words. (Aligning
-    background patches to the background's word instead made empty frames read like content: the
-    long video then answered "yes" to objects it never showed.)"""
+    patch token towards the word embeddings of what covers it (" red" + " circle", or the
+    background's answer word, " striped"), so the LM starts from tokens that already read like the
+    scene's words. (Aligning background patches to "." instead left the background unlearnt: run E.)"""
     E = adapter.model.get_input_embeddings().weight.detach()
     scale = E.norm(dim=-1).mean()
 
@@ -82,11 +81,12 @@ def align(adapter: TinyAdapter, projector: Projector, feats: Features, scenes: l
 
     labels = np.stack([data.patch_labels(s) for s in scenes])  # [N, 256], object index or -1
     pairs = [(c, s) for c in data.COLOURS for s in data.SHAPES]
-    table = torch.stack([word(".")] + [word(" " + c, " " + s) for c, s in pairs])  # row 0: background
+    grounds = list(data.BACKGROUNDS)  # rows 0..3: the background's word; then one row per object
+    table = torch.stack([word(" " + data.BACKGROUNDS[g]) for g in grounds] + [word(" " + c, " " + s) for c, s in pairs])
     rows = np.zeros_like(labels)
     for i, sc in enumerate(scenes):
-        ids = np.array([1 + pairs.index((o.colour, o.shape)) for o in sc.objects] or [0])
-        rows[i] = np.where(labels[i] >= 0, ids[np.maximum(labels[i], 0)], 0)
+        ids = np.array([len(grounds) + pairs.index((o.colour, o.shape)) for o in sc.objects] or [0])
+        rows[i] = np.where(labels[i] >= 0, ids[np.maximum(labels[i], 0)], grounds.index(sc.background[0]))
     targets = table[torch.from_numpy(rows)]
     is_obj = torch.from_numpy(labels >= 0).flatten()
     patches = feats.hidden[:, 1:].reshape(-1, feats.hidden.shape[-1])
