@@ -70,6 +70,34 @@ def test_clip_questions_ask_about_the_whole_clip_and_count_the_last_frame():
             assert (a == "yes") == ((colour, shape) in seen)
 
 
+def test_an_empty_clip_counts_zero_and_still_gets_a_no():
+    rng = np.random.default_rng(5)
+    clip = [data.Scene(data.random_background(rng, "train")) for _ in range(4)]
+    qas = data.clip_questions(clip, rng, n=4)
+    assert qas[0] == ("How many shapes are there now?", "0")
+    assert any(q.startswith("Was there") and a == "no" for q, a in qas[1:]), qas
+
+
+def test_training_mixes_in_mostly_empty_clips():
+    """Half of the training clips are mostly empty frames (a quiet camera, the long video), so
+    "was there ...?" is learnt over windows where nothing happens in most frames."""
+    from streamvz.tiny.train import sample_batch
+
+    rng = np.random.default_rng(0)
+    scenes = [data.random_scene(rng, "train") for _ in range(90)]
+    empty = list(range(len(scenes), len(scenes) + 10))
+    scenes += [data.Scene(data.random_background(rng, "train")) for _ in empty]
+    shares = {True: [], False: []}
+    for use_empty in shares:
+        for _ in range(60):
+            for idx, budget, times, pairs in sample_batch(rng, scenes, 4, 4, 1.0, empty if use_empty else ()):
+                if len(idx) > 1:
+                    shares[use_empty].append(np.mean([i in empty for i in idx]))
+    plain, sparse = np.mean(shares[False]), np.mean(shares[True])  # share of empty frames in a clip
+    assert plain < 0.2 and sparse > 0.35, (plain, sparse)
+    assert 0.3 < np.mean([s >= 0.6 for s in shares[True]]) < 0.7  # about half the clips are mostly empty
+
+
 def test_gradients_and_stripes_never_look_plain():
     """Their two colours differ clearly, so "What is the background?" always has a visible answer."""
     rng = np.random.default_rng(6)
