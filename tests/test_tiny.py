@@ -90,7 +90,7 @@ def test_training_mixes_in_mostly_empty_clips():
     shares = {True: [], False: []}
     for use_empty in shares:
         for _ in range(60):
-            for idx, budget, times, pairs in sample_batch(rng, scenes, 4, 4, 1.0, empty if use_empty else ()):
+            for idx, budget, times, pairs, _ in sample_batch(rng, scenes, 4, 4, 1.0, empty if use_empty else ()):
                 if len(idx) > 1:
                     shares[use_empty].append(np.mean([i in empty for i in idx]))
     plain, sparse = np.mean(shares[False]), np.mean(shares[True])  # share of empty frames in a clip
@@ -346,8 +346,8 @@ def test_training_turns_see_only_the_frames(adapter):
         return adapter.model.lm_head(h[b.where[:, 0], b.where[:, 1]]), b
 
     # row 0: both turns packed; row 1: a longer clip, so row 0 is padded
-    packed, b = logits([([0], 64, [1.0], qas), ([0, 1], 64, [1.0, 2.0], qas[:1])])
-    alone = torch.cat([logits([([0], 64, [1.0], [qa])])[0] for qa in qas])
+    packed, b = logits([([0], 64, [1.0], qas, []), ([0, 1], 64, [1.0, 2.0], qas[:1], [])])
+    alone = torch.cat([logits([([0], 64, [1.0], [qa], [])])[0] for qa in qas])
     n = len(alone)
     assert torch.allclose(packed[:n], alone, atol=1e-4)
     assert b.first[:n].sum() == 2 and not b.mask[0, 0, -1, :-1].any()  # a padding row sees only itself

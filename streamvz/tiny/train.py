@@ -43,6 +43,7 @@ from .weights import cache_dir
 BUDGETS = (None, 64, 32, 16)  # None = all 257 tokens
 BUDGET_WEIGHTS = (0.25, 0.35, 0.25, 0.15)
 SPARSE_P = 0.5  # share of clips that are mostly empty frames
+TURN_P = 0.5  # share of clips with earlier answered turns between their frames (a live session's layout)
 
 
 def cached_features(adapter: TinyAdapter, scenes: list[data.Scene], tag: str, batch: int = 16,
@@ -115,18 +116,19 @@ class Batch(NamedTuple):
 
 
 def build_batch(adapter: TinyAdapter, projector: Projector, feats: Features, samples: list) -> Batch:
-    """samples: [(image indices, budget, times, [(q, a), ...])] -> Batch.
+    """samples: [(image indices, budget, times, [(q, a), ...], earlier turns)] -> Batch.
 
-    Each sample is system + frames, then one branch per QA pair (user turn + answer). A branch
+    Each sample is system + frames (with the earlier turns, answered, between them as the engine
+    keeps them: see TinyAdapter.prompt_embeds), then one branch per QA pair (user turn + answer). A branch
     attends to the frames and to itself only, and its positions continue from the frames, so
     every answer is predicted from exactly the sequence the engine builds for that question
     alone. Targets are every answer token plus the end-of-turn token (the model learns to stop).
     """
     eot = adapter.ids(adapter.chat.end_of_turn)[:1]
     seqs, pos, owner, where, targets, first = [], [], [], [], [], []
-    for b, (idx, budget, times, qas) in enumerate(samples):
+    for b, (idx, budget, times, qas, earlier) in enumerate(samples):
         vis = projector(*reduce(feats[list(idx)], "visionzip" if budget else "full", budget))
-        x = [adapter.prompt_embeds(list(vis), times, None)]
+        x = [adapter.prompt_embeds(list(vis), times, None, turns=earlier)]
         n = L = x[0].shape[0]
         p, o = list(range(n)), [0] * n  # owner 0: the shared frames; i: the i-th QA branch
         for i, (q, a) in enumerate(qas, 1):
@@ -158,6 +160,16 @@ def build_batch(adapter: TinyAdapter, projector: Projector, feats: Features, sam
     return Batch(embeds, mask[:, None], positions, torch.tensor(where), torch.tensor(targets), torch.tensor(first))
 
 
+def earlier_turns(rng: np.random.Generator, clip: list[data.Scene]) -> list[tuple[int, str, str]]:
+    """One or two questions asked, and answered rightly, while the clip streamed: (k, q, a) sits
+    before frame k and is about the frames before it (the latest one, or all of them)."""
+    out = []
+    for k in sorted(rng.integers(1, len(clip), size=int(rng.integers(1, 3)))):
+        pool = data.questions(clip[k - 1], rng, n=2) + data.clip_questions(clip[:k], rng, n=2)
+        out.append((int(k), *pool[int(rng.integers(len(pool)))]))
+    return out
+
+
 def sample_batch(rng: np.random.Generator, scenes: list[data.Scene], batch: int, qas: int, clip_p: float,
                  empty: list[int] = ()):
     budget = BUDGETS[rng.choice(len(BUDGETS), p=BUDGET_WEIGHTS)]
@@ -176,11 +188,13 @@ def sample_batch(rng: np.random.Generator, scenes: list[data.Scene], batch: int,
             t0, gap = float(rng.integers(0, 600)), float(rng.integers(1, 30))
             times = [t0 + gap * j for j in range(n)]
             pairs = data.clip_questions([scenes[i] for i in idx], rng, n=qas)
+            earlier = earlier_turns(rng, [scenes[i] for i in idx]) if rng.random() < TURN_P else []
         else:
             idx = [int(rng.integers(len(scenes)))]
             times = [float(rng.integers(0, 1200)) / 2]
             pairs = data.questions(scenes[idx[0]], rng, n=qas)
-        out.append((idx, budget, times, pairs))
+            earlier = []
+        out.append((idx, budget, times, pairs, earlier))
     return out
 
 
@@ -204,7 +218,7 @@ def evaluate(adapter: TinyAdapter, projector: Projector, feats: Features, qas: l
     for budget in budgets:
         right = []
         for i in range(0, len(qas), batch):
-            samples = [([j], budget, [0.0], qas[j]) for j in range(i, min(i + batch, len(qas)))]
+            samples = [([j], budget, [0.0], qas[j], []) for j in range(i, min(i + batch, len(qas)))]
             b = build_batch(adapter, projector, feats, samples)
             _, ok = loss_on(adapter, b, bf16)
             right.append(ok[b.first])
@@ -261,7 +275,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-rank", type=int, default=8, help="LoRA rank on the LM's attention (0: projector only)")
     ap.add_argument("--lora-lr", type=float, default=2e-3)
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast (slower; for CPUs without BF16)")
-    ap.add_argument("--eval-every", type=int, default=80, help="held-out check every N steps (0: only at the end)")
+    ap.add_argument("--eval-every", type=int, default=190, help="held-out check every N steps (0: only at the end)")
     ap.add_argument("--eval-scenes", type=int, default=48)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--out", type=Path, default=PROJECTOR, help="projector weights; the LoRA goes beside it")
