@@ -98,6 +98,33 @@ def test_training_mixes_in_mostly_empty_clips():
     assert 0.3 < np.mean([s >= 0.6 for s in shares[True]]) < 0.7  # about half the clips are mostly empty
 
 
+def test_training_clips_carry_earlier_answered_turns():
+    """About half the training clips have one or two turns asked while they streamed, each placed
+    between frames and answered rightly about the frames before it (a live session's cache)."""
+    from streamvz.tiny.train import sample_batch
+
+    rng = np.random.default_rng(3)
+    scenes = [data.random_scene(rng, "train") for _ in range(60)]
+    clips = with_turns = 0
+    for _ in range(40):
+        for idx, budget, times, pairs, earlier in sample_batch(rng, scenes, 4, 4, 1.0):
+            if len(idx) == 1:
+                assert earlier == []
+                continue
+            clips += 1
+            with_turns += bool(earlier)
+            assert len(earlier) <= 2 and [k for k, *_ in earlier] == sorted(k for k, *_ in earlier)
+            for k, q, a in earlier:
+                assert 1 <= k < len(idx)
+                before = [scenes[i] for i in idx[:k]]
+                if q == "How many shapes are there now?" or q == "How many shapes are there?":
+                    assert a == str(len(before[-1].objects))
+                elif q.startswith("Was there a "):
+                    c, sh = q[len("Was there a "):-1].split()
+                    assert a == ("yes" if any((o.colour, o.shape) == (c, sh) for sc in before for o in sc.objects) else "no")
+    assert clips > 50 and 0.35 < with_turns / clips < 0.65, (clips, with_turns)
+
+
 def test_gradients_and_stripes_never_look_plain():
     """Their two colours differ clearly, so "What is the background?" always has a visible answer."""
     rng = np.random.default_rng(6)
@@ -450,3 +477,30 @@ async def test_engine_streams_the_same_answer_as_the_training_layout(adapter):
             await s.add_frame(f, t=float(t))
         got = await s.ask(question, max_new_tokens=3).result()
     assert got.strip() == expected
+
+
+@tiny
+async def test_an_answered_turn_between_frames_is_the_training_layout(adapter):
+    """A live session keeps each answered turn in its cache and later frames follow it; training's
+    earlier turns (prompt_embeds(turns=...)) build that same sequence: equal keys in every layer."""
+    from transformers import DynamicCache
+
+    from streamvz.engine import Engine
+
+    rng = np.random.default_rng(11)
+    frames = [data.render(data.random_scene(rng, "test")) for _ in range(3)]
+    emb = adapter.encode_frames(np.stack(frames))
+    question = "How many shapes are there now?"
+    async with Engine(adapter) as engine:
+        s = engine.session()
+        await s.add_frame(frames[0], t=0.0)
+        first = (await s.ask(question, max_new_tokens=3).result()).strip()
+        for t, f in enumerate(frames[1:], 1):
+            await s.add_frame(f, t=float(t))
+        live = s._state.cache
+        x = adapter.prompt_embeds(list(emb), [0.0, 1.0, 2.0], None, turns=[(1, question, first)])
+        ref = DynamicCache(config=adapter.model.config)
+        adapter.model(inputs_embeds=x[None], past_key_values=ref, use_cache=True, logits_to_keep=1)
+        assert live.get_seq_length() == ref.get_seq_length() == x.shape[0]
+        for a, b in zip(live.layers, ref.layers):
+            assert torch.allclose(a.keys, b.keys, atol=1e-3) and torch.allclose(a.values, b.values, atol=1e-3)
