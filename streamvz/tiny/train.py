@@ -43,6 +43,7 @@ from .weights import cache_dir
 BUDGETS = (None, 64, 32, 16)  # None = all 257 tokens
 BUDGET_WEIGHTS = (0.25, 0.35, 0.25, 0.15)
 SPARSE_P = 0.5  # share of clips that are mostly empty frames
+LAST_EMPTY_P = 0.25  # in those, the chance that the last frame (what "now" asks about) is empty too
 TURN_P = 0.5  # share of clips with earlier answered turns between their frames (a live session's layout)
 
 
@@ -184,7 +185,10 @@ def sample_batch(rng: np.random.Generator, scenes: list[data.Scene], batch: int,
             if len(empty) and rng.random() < SPARSE_P:
                 # a stream that mostly shows nothing (a quiet camera, the long video): most
                 # frames are empty, so "was there ...?" must come from the few that are not
-                idx = [int(rng.choice(empty)) if rng.random() < 0.8 else i for i in idx]
+                # The last frame is emptied less often: "how many ... now?" reads it, and emptying
+                # it 80% of the time taught "now" to lean to 0 (run G answered a one-shape frame "0").
+                idx = [int(rng.choice(empty)) if rng.random() < (0.8 if j < n - 1 else LAST_EMPTY_P) else i
+                       for j, i in enumerate(idx)]
             t0, gap = float(rng.integers(0, 600)), float(rng.integers(1, 30))
             times = [t0 + gap * j for j in range(n)]
             pairs = data.clip_questions([scenes[i] for i in idx], rng, n=qas)
