@@ -87,15 +87,20 @@ def test_training_mixes_in_mostly_empty_clips():
     scenes = [data.random_scene(rng, "train") for _ in range(90)]
     empty = list(range(len(scenes), len(scenes) + 10))
     scenes += [data.Scene(data.random_background(rng, "train")) for _ in empty]
-    shares = {True: [], False: []}
+    shares, last = {True: [], False: []}, []
     for use_empty in shares:
         for _ in range(60):
             for idx, budget, times, pairs, _ in sample_batch(rng, scenes, 4, 4, 1.0, empty if use_empty else ()):
                 if len(idx) > 1:
                     shares[use_empty].append(np.mean([i in empty for i in idx]))
+                    if use_empty:
+                        last.append(idx[-1] in empty)
     plain, sparse = np.mean(shares[False]), np.mean(shares[True])  # share of empty frames in a clip
     assert plain < 0.2 and sparse > 0.35, (plain, sparse)
     assert 0.3 < np.mean([s >= 0.6 for s in shares[True]]) < 0.7  # about half the clips are mostly empty
+    # ... but their last frame, the one "how many ... now?" counts, is empty far less often,
+    # so "now" does not learn to lean to 0
+    assert 0.04 < np.mean(last) < 0.25, np.mean(last)
 
 
 def test_training_clips_carry_earlier_answered_turns():
