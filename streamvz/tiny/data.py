@@ -263,10 +263,10 @@ def clip_questions(scenes: list[Scene], rng: np.random.Generator, n: int = 2) ->
 # Clips
 
 
-def moving_clip(rng: np.random.Generator, frames: int, split: str = "test") -> list[Scene]:
-    """One background, objects that drift, one that enters half way and one that leaves."""
+def moving_clip(rng: np.random.Generator, frames: int, split: str = "test", objects: int = 2) -> list[Scene]:
+    """One background, objects that drift; the first of them leaves half way."""
     bg = random_background(rng, split)
-    objs = list(random_objects(rng, 2))
+    objs = list(random_objects(rng, objects))
     velocity = [tuple(rng.uniform(-3, 3, size=2)) for _ in objs]
     out = []
     for t in range(frames):

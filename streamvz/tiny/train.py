@@ -14,7 +14,8 @@ Cheap enough for a 2-core CPU (about 55 minutes) because:
     if asked alone, exactly as the engine asks it (no answer can be read off an earlier turn).
   * Budgets are mixed per batch (all 257 tokens, VisionZip 64, 32 and 16), so one set of
     weights serves every tokens_per_frame. Some batches are clips (2-6 frames, up to 24 at
-    16 tokens) with "was there ...?" and "how many ... now?" questions, the kind a stream gets.
+    16 tokens) with "was there ...?" and "how many ... now?" questions, the kind a stream gets:
+    unrelated scenes, mostly-empty streams, and windows of continuous moving clips.
 The LoRA (rank 8 on every attention and MLP projection) is merged into the LM's weights when
 TinyAdapter loads, so serving costs nothing extra. The sequence layout is the engine's
 (TinyAdapter.prompt_embeds + chat pieces). Progress lines report held-out accuracy per
@@ -45,6 +46,7 @@ BUDGET_WEIGHTS = (0.25, 0.35, 0.25, 0.15)
 SPARSE_P = 0.5  # share of clips that are mostly empty frames
 LAST_EMPTY_P = 0.25  # in those, the chance that the last frame (what "now" asks about) is empty too
 TURN_P = 0.5  # share of clips with earlier answered turns between their frames (a live session's layout)
+MOVING_P = 0.4  # share of clips cut from one continuous moving clip (one background, the same shapes drifting)
 
 
 def cached_features(adapter: TinyAdapter, scenes: list[data.Scene], tag: str, batch: int = 16,
@@ -172,7 +174,9 @@ def earlier_turns(rng: np.random.Generator, clip: list[data.Scene]) -> list[tupl
 
 
 def sample_batch(rng: np.random.Generator, scenes: list[data.Scene], batch: int, qas: int, clip_p: float,
-                 empty: list[int] = ()):
+                 empty: list[int] = (), moving: list[list[int]] = ()):
+    """[(image indices, budget, times, [(q, a), ...], earlier turns)]. empty: indices of frames with no
+    object; moving: index lists of continuous clips (consecutive frames of data.moving_clip)."""
     budget = BUDGETS[rng.choice(len(BUDGETS), p=BUDGET_WEIGHTS)]
     clip = budget is not None and rng.random() < clip_p
     out = []
@@ -182,7 +186,13 @@ def sample_batch(rng: np.random.Generator, scenes: list[data.Scene], batch: int,
             # tokens), so long windows are seen in training too.
             n = int(rng.integers(2, max(6, 384 // budget) + 1))
             idx = [int(i) for i in rng.choice(len(scenes), size=n, replace=False)]
-            if len(empty) and rng.random() < SPARSE_P:
+            if len(moving) and rng.random() < MOVING_P:
+                # frames of one continuous clip, in order: a live camera's "now" is its latest frame of
+                # the same scene, which random unrelated frames never taught (runs G and H read the
+                # demo clip's one-shape last frame as "0")
+                c = moving[int(rng.integers(len(moving)))]
+                idx = [c[i] for i in sorted(rng.choice(len(c), size=min(n, len(c)), replace=False))]
+            elif len(empty) and rng.random() < SPARSE_P:
                 # a stream that mostly shows nothing (a quiet camera, the long video): most
                 # frames are empty, so "was there ...?" must come from the few that are not
                 # The last frame is emptied less often: "how many ... now?" reads it, and emptying
@@ -275,6 +285,8 @@ def main(argv=None) -> int:
     ap.add_argument("--qas", type=int, default=8, help="question/answer turns per sample")
     ap.add_argument("--clip-p", type=float, default=0.15, help="share of compressed batches that are clips")
     ap.add_argument("--empty", type=int, default=128, help="extra training frames with no object")
+    ap.add_argument("--moving", type=int, default=32, help="continuous moving training clips")
+    ap.add_argument("--moving-frames", type=int, default=24, help="frames per moving clip")
     ap.add_argument("--lr", type=float, default=2e-3, help="projector learning rate")
     ap.add_argument("--lora-rank", type=int, default=8, help="LoRA rank on the LM's attention (0: projector only)")
     ap.add_argument("--lora-lr", type=float, default=2e-3)
@@ -294,6 +306,9 @@ def main(argv=None) -> int:
     scenes = [data.random_scene(rng, "train") for _ in range(args.images)]
     empty_rng = np.random.default_rng([args.seed, 1])  # its own stream: the scenes above stay the same
     empties = [data.Scene(data.random_background(empty_rng, "train")) for _ in range(args.empty)]
+    mov_rng = np.random.default_rng([args.seed, 2])
+    clips = [data.moving_clip(mov_rng, args.moving_frames, "train", objects=int(mov_rng.integers(1, data.MAX_OBJECTS + 1)))
+             for _ in range(args.moving)]
     ev_rng = np.random.default_rng(EVAL_SEED)
     ev_scenes = [data.random_scene(ev_rng, "test") for _ in range(args.eval_scenes)]
     ev_qas = [data.questions(sc, ev_rng, n=args.qas) for sc in ev_scenes]
@@ -302,6 +317,14 @@ def main(argv=None) -> int:
     if empties:
         feats = Features.cat([feats, cached_features(adapter, empties, f"empty-seed{args.seed}-n{args.empty}")])
     empty, scenes = list(range(len(scenes), len(scenes) + len(empties))), scenes + empties
+    if clips:
+        flat = [sc for c in clips for sc in c]
+        feats = Features.cat([feats, cached_features(adapter, flat, f"moving-seed{args.seed}-n{args.moving}x{args.moving_frames}")])
+        moving = [list(range(len(scenes) + i * args.moving_frames, len(scenes) + (i + 1) * args.moving_frames))
+                  for i in range(len(clips))]
+        scenes = scenes + flat
+    else:
+        moving = []
     ev_feats = cached_features(adapter, ev_scenes, f"eval-seed{EVAL_SEED}-n{args.eval_scenes}")
     print(f"features ready: {tuple(feats.hidden.shape)} in {time.time() - t0:.0f}s", flush=True)
 
@@ -324,7 +347,7 @@ def main(argv=None) -> int:
     timings = (t_align - t0, t1 - t_align)
     params = [p for g in groups for p in g["params"]]
     for step in range(1, args.steps + 1):
-        batch = build_batch(adapter, projector, feats, sample_batch(rng, scenes, args.batch, args.qas, args.clip_p, empty))
+        batch = build_batch(adapter, projector, feats, sample_batch(rng, scenes, args.batch, args.qas, args.clip_p, empty, moving))
         loss, ok = loss_on(adapter, batch, bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
