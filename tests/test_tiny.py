@@ -103,6 +103,34 @@ def test_training_mixes_in_mostly_empty_clips():
     assert 0.04 < np.mean(last) < 0.25, np.mean(last)
 
 
+def test_training_mixes_in_windows_of_continuous_moving_clips():
+    """Some training clips are ordered frames of one moving clip (one background, the same shapes
+    drifting, one leaving), so "how many ... now?" is learnt on the stream a camera shows."""
+    from streamvz.tiny.train import sample_batch
+
+    rng = np.random.default_rng(5)
+    scenes = [data.random_scene(rng, "train") for _ in range(60)]
+    moving = []
+    for n_obj in (1, 2, 3):
+        clip = data.moving_clip(rng, 12, "train", objects=n_obj)
+        assert len({sc.background for sc in clip}) == 1
+        assert len(clip[0].objects) == n_obj and len(clip[-1].objects) == n_obj - 1  # the first one leaves
+        moving.append(list(range(len(scenes), len(scenes) + len(clip))))
+        scenes += clip
+    clips = windows = 0
+    for _ in range(40):
+        for idx, budget, times, pairs, _ in sample_batch(rng, scenes, 4, 4, 1.0, moving=moving):
+            if len(idx) == 1:
+                continue
+            clips += 1
+            owner = [c for c in moving if idx[0] in c]
+            if owner:
+                windows += 1
+                assert all(i in owner[0] for i in idx) and idx == sorted(set(idx)), idx  # one clip, in order
+                assert pairs[0] == ("How many shapes are there now?", str(len(scenes[idx[-1]].objects)))
+    assert clips > 50 and 0.35 < windows / clips < 0.65, (clips, windows)
+
+
 def test_training_clips_carry_earlier_answered_turns():
     """About half the training clips have one or two turns asked while they streamed, each placed
     between frames and answered rightly about the frames before it (a live session's cache)."""

@@ -46,7 +46,8 @@ BUDGET_WEIGHTS = (0.25, 0.35, 0.25, 0.15)
 SPARSE_P = 0.5  # share of clips that are mostly empty frames
 LAST_EMPTY_P = 0.25  # in those, the chance that the last frame (what "now" asks about) is empty too
 TURN_P = 0.5  # share of clips with earlier answered turns between their frames (a live session's layout)
-MOVING_P = 0.4  # share of clips cut from one continuous moving clip (one background, the same shapes drifting)
+MOVING_P = 0.5  # share of clips cut from one continuous moving clip (one background, the same shapes drifting)
+MOVING_FRAMES = 16  # such windows run to 16 frames at any budget: a live question comes after many frames
 
 
 def cached_features(adapter: TinyAdapter, scenes: list[data.Scene], tag: str, batch: int = 16,
@@ -190,8 +191,10 @@ def sample_batch(rng: np.random.Generator, scenes: list[data.Scene], batch: int,
                 # frames of one continuous clip, in order: a live camera's "now" is its latest frame of
                 # the same scene, which random unrelated frames never taught (runs G and H read the
                 # demo clip's one-shape last frame as "0")
+                # (run I, with at most 6 frames at 64 tokens, counted the demo right at 4-8 frames, wrong at 12-16)
                 c = moving[int(rng.integers(len(moving)))]
-                idx = [c[i] for i in sorted(rng.choice(len(c), size=min(n, len(c)), replace=False))]
+                n = min(len(c), int(rng.integers(2, max(MOVING_FRAMES, 384 // budget) + 1)))
+                idx = [c[i] for i in sorted(rng.choice(len(c), size=n, replace=False))]
             elif len(empty) and rng.random() < SPARSE_P:
                 # a stream that mostly shows nothing (a quiet camera, the long video): most
                 # frames are empty, so "was there ...?" must come from the few that are not
@@ -283,7 +286,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=380, help="stage 2 (LM loss) steps")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--qas", type=int, default=8, help="question/answer turns per sample")
-    ap.add_argument("--clip-p", type=float, default=0.15, help="share of compressed batches that are clips")
+    ap.add_argument("--clip-p", type=float, default=0.2, help="share of compressed batches that are clips")
     ap.add_argument("--empty", type=int, default=128, help="extra training frames with no object")
     ap.add_argument("--moving", type=int, default=32, help="continuous moving training clips")
     ap.add_argument("--moving-frames", type=int, default=24, help="frames per moving clip")
