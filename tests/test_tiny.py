@@ -34,9 +34,11 @@ def test_scenes_have_unique_shapes_and_colours_and_render():
 
 def test_questions_agree_with_the_scene():
     rng = np.random.default_rng(2)
+    kinds = set()
     for _ in range(50):
         s = data.random_scene(rng, "test")
         for q, a in data.questions(s, rng, n=10):
+            kinds.add(data.kind_of(q))
             assert a in data.ANSWERS
             if q.startswith("How many"):
                 assert a == str(len(s.objects))
@@ -49,6 +51,11 @@ def test_questions_agree_with_the_scene():
             elif "left or the right" in q:
                 o = next(o for o in s.objects if q.startswith(f"Is the {o.name} "))
                 assert a == ("left" if o.cx < data.SIZE / 2 else "right")
+                assert abs(o.cx - data.SIZE / 2) > o.size / 3  # most of it on that side
+            elif q == "What is the background?":
+                assert a == data.BACKGROUNDS[s.background[0]]
+            assert data.kind_of(q) != "other", q
+    assert kinds == {"count", "colour", "shape", "present", "position", "background"}
 
 
 def test_clip_questions_ask_about_the_whole_clip_and_count_the_last_frame():
@@ -61,6 +68,105 @@ def test_clip_questions_ask_about_the_whole_clip_and_count_the_last_frame():
         for q, a in qas[1:]:
             colour, shape = q[len("Was there a "):-1].split()
             assert (a == "yes") == ((colour, shape) in seen)
+
+
+def test_an_empty_clip_counts_zero_and_still_gets_a_no():
+    rng = np.random.default_rng(5)
+    clip = [data.Scene(data.random_background(rng, "train")) for _ in range(4)]
+    qas = data.clip_questions(clip, rng, n=4)
+    assert qas[0] == ("How many shapes are there now?", "0")
+    assert any(q.startswith("Was there") and a == "no" for q, a in qas[1:]), qas
+
+
+def test_training_mixes_in_mostly_empty_clips():
+    """Half of the training clips are mostly empty frames (a quiet camera, the long video), so
+    "was there ...?" is learnt over windows where nothing happens in most frames."""
+    from streamvz.tiny.train import sample_batch
+
+    rng = np.random.default_rng(0)
+    scenes = [data.random_scene(rng, "train") for _ in range(90)]
+    empty = list(range(len(scenes), len(scenes) + 10))
+    scenes += [data.Scene(data.random_background(rng, "train")) for _ in empty]
+    shares, last = {True: [], False: []}, []
+    for use_empty in shares:
+        for _ in range(60):
+            for idx, budget, times, pairs, _ in sample_batch(rng, scenes, 4, 4, 1.0, empty if use_empty else ()):
+                if len(idx) > 1:
+                    shares[use_empty].append(np.mean([i in empty for i in idx]))
+                    if use_empty:
+                        last.append(idx[-1] in empty)
+    plain, sparse = np.mean(shares[False]), np.mean(shares[True])  # share of empty frames in a clip
+    assert plain < 0.2 and sparse > 0.35, (plain, sparse)
+    assert 0.3 < np.mean([s >= 0.6 for s in shares[True]]) < 0.7  # about half the clips are mostly empty
+    # ... but their last frame, the one "how many ... now?" counts, is empty far less often,
+    # so "now" does not learn to lean to 0
+    assert 0.04 < np.mean(last) < 0.25, np.mean(last)
+
+
+def test_training_mixes_in_windows_of_continuous_moving_clips():
+    """Some training clips are ordered frames of one moving clip (one background, the same shapes
+    drifting, one leaving), so "how many ... now?" is learnt on the stream a camera shows."""
+    from streamvz.tiny.train import sample_batch
+
+    rng = np.random.default_rng(5)
+    scenes = [data.random_scene(rng, "train") for _ in range(60)]
+    moving = []
+    for n_obj in (1, 2, 3):
+        clip = data.moving_clip(rng, 12, "train", objects=n_obj)
+        assert len({sc.background for sc in clip}) == 1
+        assert len(clip[0].objects) == n_obj and len(clip[-1].objects) == n_obj - 1  # the first one leaves
+        moving.append(list(range(len(scenes), len(scenes) + len(clip))))
+        scenes += clip
+    clips = windows = 0
+    for _ in range(40):
+        for idx, budget, times, pairs, _ in sample_batch(rng, scenes, 4, 4, 1.0, moving=moving):
+            if len(idx) == 1:
+                continue
+            clips += 1
+            owner = [c for c in moving if idx[0] in c]
+            if owner:
+                windows += 1
+                assert all(i in owner[0] for i in idx) and idx == sorted(set(idx)), idx  # one clip, in order
+                assert pairs[0] == ("How many shapes are there now?", str(len(scenes[idx[-1]].objects)))
+    assert clips > 50 and 0.35 < windows / clips < 0.65, (clips, windows)
+
+
+def test_training_clips_carry_earlier_answered_turns():
+    """About half the training clips have one or two turns asked while they streamed, each placed
+    between frames and answered rightly about the frames before it (a live session's cache)."""
+    from streamvz.tiny.train import sample_batch
+
+    rng = np.random.default_rng(3)
+    scenes = [data.random_scene(rng, "train") for _ in range(60)]
+    clips = with_turns = 0
+    for _ in range(40):
+        for idx, budget, times, pairs, earlier in sample_batch(rng, scenes, 4, 4, 1.0):
+            if len(idx) == 1:
+                assert earlier == []
+                continue
+            clips += 1
+            with_turns += bool(earlier)
+            assert len(earlier) <= 2 and [k for k, *_ in earlier] == sorted(k for k, *_ in earlier)
+            for k, q, a in earlier:
+                assert 1 <= k < len(idx)
+                before = [scenes[i] for i in idx[:k]]
+                if q == "How many shapes are there now?" or q == "How many shapes are there?":
+                    assert a == str(len(before[-1].objects))
+                elif q.startswith("Was there a "):
+                    c, sh = q[len("Was there a "):-1].split()
+                    assert a == ("yes" if any((o.colour, o.shape) == (c, sh) for sc in before for o in sc.objects) else "no")
+    assert clips > 50 and 0.35 < with_turns / clips < 0.65, (clips, with_turns)
+
+
+def test_gradients_and_stripes_never_look_plain():
+    """Their two colours differ clearly, so "What is the background?" always has a visible answer."""
+    rng = np.random.default_rng(6)
+    for _ in range(300):
+        bg = data.random_background(rng, "train")
+        if bg[0] in ("gradient", "stripes"):
+            assert max(abs(x - y) for x, y in zip(bg[1], bg[2])) >= 60
+            img = data.render(data.Scene(bg)).astype(int)
+            assert np.ptp(img.reshape(-1, 3), axis=0).max() >= 55  # both colours are in the picture
 
 
 def test_train_and_test_backgrounds_never_share_a_photo():
@@ -300,8 +406,8 @@ def test_training_turns_see_only_the_frames(adapter):
         return adapter.model.lm_head(h[b.where[:, 0], b.where[:, 1]]), b
 
     # row 0: both turns packed; row 1: a longer clip, so row 0 is padded
-    packed, b = logits([([0], 64, [1.0], qas), ([0, 1], 64, [1.0, 2.0], qas[:1])])
-    alone = torch.cat([logits([([0], 64, [1.0], [qa])])[0] for qa in qas])
+    packed, b = logits([([0], 64, [1.0], qas, []), ([0, 1], 64, [1.0, 2.0], qas[:1], [])])
+    alone = torch.cat([logits([([0], 64, [1.0], [qa], [])])[0] for qa in qas])
     n = len(alone)
     assert torch.allclose(packed[:n], alone, atol=1e-4)
     assert b.first[:n].sum() == 2 and not b.mask[0, 0, -1, :-1].any()  # a padding row sees only itself
@@ -404,3 +510,30 @@ async def test_engine_streams_the_same_answer_as_the_training_layout(adapter):
             await s.add_frame(f, t=float(t))
         got = await s.ask(question, max_new_tokens=3).result()
     assert got.strip() == expected
+
+
+@tiny
+async def test_an_answered_turn_between_frames_is_the_training_layout(adapter):
+    """A live session keeps each answered turn in its cache and later frames follow it; training's
+    earlier turns (prompt_embeds(turns=...)) build that same sequence: equal keys in every layer."""
+    from transformers import DynamicCache
+
+    from streamvz.engine import Engine
+
+    rng = np.random.default_rng(11)
+    frames = [data.render(data.random_scene(rng, "test")) for _ in range(3)]
+    emb = adapter.encode_frames(np.stack(frames))
+    question = "How many shapes are there now?"
+    async with Engine(adapter) as engine:
+        s = engine.session()
+        await s.add_frame(frames[0], t=0.0)
+        first = (await s.ask(question, max_new_tokens=3).result()).strip()
+        for t, f in enumerate(frames[1:], 1):
+            await s.add_frame(f, t=float(t))
+        live = s._state.cache
+        x = adapter.prompt_embeds(list(emb), [0.0, 1.0, 2.0], None, turns=[(1, question, first)])
+        ref = DynamicCache(config=adapter.model.config)
+        adapter.model(inputs_embeds=x[None], past_key_values=ref, use_cache=True, logits_to_keep=1)
+        assert live.get_seq_length() == ref.get_seq_length() == x.shape[0]
+        for a, b in zip(live.layers, ref.layers):
+            assert torch.allclose(a.keys, b.keys, atol=1e-3) and torch.allclose(a.values, b.values, atol=1e-3)

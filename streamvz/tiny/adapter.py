@@ -84,11 +84,15 @@ class TinyAdapter(Adapter):
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"]) if text else []
 
     def prompt_embeds(self, frame_embeds: list[torch.Tensor], times: list[float], question: str | None,
-                      system: str | None = None) -> torch.Tensor:
-        """[L, D]: system, frames with their timestamp markers, then the user turn (if any)."""
+                      system: str | None = None, turns: list[tuple[int, str, str]] = ()) -> torch.Tensor:
+        """[L, D]: system, frames with their timestamp markers, then the user turn (if any).
+        turns: (k, question, answer) turns answered before frame k; the engine keeps them in the
+        conversation, so later frames follow them."""
         c = self.chat
         parts = [self.embed_ids(self.ids(c.system.format(system or self.default_system), special=True))]
-        for e, t in zip(frame_embeds, times):
+        for i, (e, t) in enumerate(zip(frame_embeds, times)):
+            parts += [self.embed_ids(self.ids(c.user.format(q)) + self.ids(a) + self.ids(c.end_of_turn))
+                      for k, q, a in turns if k == i]
             parts += [self.embed_ids(self.ids(c.frame_prefix.format(t))), e.to(self.device, self.dtype),
                       self.embed_ids(self.ids(c.frame_suffix))]
         if question is not None:

@@ -2,7 +2,10 @@
 
 A scene is a few coloured shapes on a background (flat colour, gradient, stripes, or one
 of scikit-image's photos). Every object in a scene has its own shape and its own colour,
-so "what color is the circle?" has exactly one answer. Answers are one word or digit, so
+so "what color is the circle?" has exactly one answer. Shapes are large (a quarter to a half
+of the frame across), so the objects alone fill a 64-token budget, and "What is the background?"
+asks about what lies outside them: the part of a frame that VisionZip's merged contextual
+tokens carry and top-CLS selection drops. Answers are one word or digit, so
 exact match is a fair score. The `split` decides which photos and which seed stream are
 used: "train" and "test" never share a photo, and callers use disjoint seeds.
 
@@ -34,9 +37,11 @@ TRAIN_PHOTOS = ("astronaut", "brick", "camera", "coffee", "coins", "grass", "gra
                 "page", "rocket", "immunohistochemistry", "chelsea")
 TEST_PHOTOS = ("cat", "hubble_deep_field", "retina", "text")
 MAX_OBJECTS = 3
-ANSWERS = (*COLOURS, *SHAPES, "yes", "no", "left", "right", "top", "bottom",
+OBJECT_SIZE = (60, 120)  # bounding box side, pixels
+BACKGROUNDS = {"flat": "plain", "gradient": "gradient", "stripes": "striped", "photo": "photo"}  # kind -> answer
+ANSWERS = (*COLOURS, *SHAPES, "yes", "no", "left", "right", "top", "bottom", *BACKGROUNDS.values(),
            *(str(i) for i in range(MAX_OBJECTS + 1)))
-VERSION = 1  # of scene sampling and rendering; part of every cached-features name, so old caches are not reused
+VERSION = 2  # of scene sampling and rendering; part of every cached-features name, so old caches are not reused
 
 
 @dataclass(frozen=True)
@@ -154,12 +159,18 @@ def random_background(rng: np.random.Generator, split: str) -> tuple:
     def dull():  # muted colours, so a background is never mistaken for an object
         return tuple(int(v) for v in rng.integers(40, 150, size=3))
 
+    def apart():  # two dull colours far enough apart that a gradient or stripes never look plain
+        while True:
+            a, b = dull(), dull()
+            if max(abs(x - y) for x, y in zip(a, b)) >= 60:
+                return a, b
+
     if kind == "flat":
         return ("flat", dull())
     if kind == "gradient":
-        return ("gradient", dull(), dull())
+        return ("gradient", *apart())
     if kind == "stripes":
-        return ("stripes", dull(), dull(), int(rng.integers(8, 40)))
+        return ("stripes", *apart(), int(rng.integers(8, 40)))
     name = str(rng.choice(photos))
     h, w = _photo(name).shape[:2]
     crop = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
@@ -171,7 +182,7 @@ def _place(rng, n: int, placed: list[Obj], tries: int = 200) -> list[tuple[float
     for _ in range(tries):
         if len(out) == n:
             break
-        size = float(rng.uniform(44, 70))
+        size = float(rng.uniform(*OBJECT_SIZE))
         m = size / 2 + 4
         cx, cy = float(rng.uniform(m, SIZE - m)), float(rng.uniform(m, SIZE - m))
         others = [(o.cx, o.cy, o.size) for o in placed] + out
@@ -212,14 +223,16 @@ def _absent(rng, scene: Scene) -> tuple[str, str]:
 def questions(scene: Scene, rng: np.random.Generator, n: int = 4) -> list[tuple[str, str]]:
     """Up to n distinct (question, answer) pairs about one scene, kinds mixed at random."""
     objs = scene.objects
-    pool: list[tuple[str, str]] = [("How many shapes are there?", str(len(objs)))]
+    pool: list[tuple[str, str]] = [("How many shapes are there?", str(len(objs))),
+                                   ("What is the background?", BACKGROUNDS[scene.background[0]])]
     for o in objs:
         pool.append((f"What color is the {o.shape}?", o.colour))
         pool.append((f"What shape is the {o.colour} object?", o.shape))
         pool.append((f"Is there a {o.name}?", "yes"))
-        if abs(o.cx - SIZE / 2) > 24:
+        clear = max(24, o.size / 3)  # most of the shape lies on one side of the middle: no ambiguous answer
+        if abs(o.cx - SIZE / 2) > clear:
             pool.append((f"Is the {o.name} on the left or the right?", "left" if o.cx < SIZE / 2 else "right"))
-        if abs(o.cy - SIZE / 2) > 24:
+        if abs(o.cy - SIZE / 2) > clear:
             pool.append((f"Is the {o.name} at the top or the bottom?", "top" if o.cy < SIZE / 2 else "bottom"))
     for _ in range(max(1, len(objs))):  # as many "no" as "yes" questions
         c, s = _absent(rng, scene)
@@ -237,7 +250,7 @@ def clip_questions(scenes: list[Scene], rng: np.random.Generator, n: int = 2) ->
     pool = []
     for c, s in seen:
         pool.append((f"Was there a {c} {s}?", "yes"))
-    for _ in range(len(seen)):
+    for _ in range(max(1, len(seen))):  # an empty clip still gets a "no"
         pair = (str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
         if pair not in seen:
             pool.append((f"Was there a {pair[0]} {pair[1]}?", "no"))
@@ -250,10 +263,10 @@ def clip_questions(scenes: list[Scene], rng: np.random.Generator, n: int = 2) ->
 # Clips
 
 
-def moving_clip(rng: np.random.Generator, frames: int, split: str = "test") -> list[Scene]:
-    """One background, objects that drift, one that enters half way and one that leaves."""
+def moving_clip(rng: np.random.Generator, frames: int, split: str = "test", objects: int = 2) -> list[Scene]:
+    """One background, objects that drift; the first of them leaves half way."""
     bg = random_background(rng, split)
-    objs = list(random_objects(rng, 2))
+    objs = list(random_objects(rng, objects))
     velocity = [tuple(rng.uniform(-3, 3, size=2)) for _ in objs]
     out = []
     for t in range(frames):
@@ -298,7 +311,7 @@ def long_video(rng: np.random.Generator, minutes: float = 10.0, fps: float = 0.2
 def kind_of(question: str) -> str:
     """The question family, for per-kind scores."""
     for prefix, kind in (("What color", "colour"), ("What shape", "shape"), ("How many", "count"),
-                         ("Is there", "present"), ("Is the", "position"), ("Was there", "seen")):
+                         ("What is the background", "background"), ("Is there", "present"), ("Is the", "position"), ("Was there", "seen")):
         if question.startswith(prefix):
             return kind
     return "other"

@@ -14,7 +14,8 @@ Cheap enough for a 2-core CPU (about 55 minutes) because:
     if asked alone, exactly as the engine asks it (no answer can be read off an earlier turn).
   * Budgets are mixed per batch (all 257 tokens, VisionZip 64, 32 and 16), so one set of
     weights serves every tokens_per_frame. Some batches are clips (2-6 frames, up to 24 at
-    16 tokens) with "was there ...?" and "how many ... now?" questions, the kind a stream gets.
+    16 tokens) with "was there ...?" and "how many ... now?" questions, the kind a stream gets:
+    unrelated scenes, mostly-empty streams, and windows of continuous moving clips.
 The LoRA (rank 8 on every attention and MLP projection) is merged into the LM's weights when
 TinyAdapter loads, so serving costs nothing extra. The sequence layout is the engine's
 (TinyAdapter.prompt_embeds + chat pieces). Progress lines report held-out accuracy per
@@ -42,6 +43,11 @@ from .weights import cache_dir
 
 BUDGETS = (None, 64, 32, 16)  # None = all 257 tokens
 BUDGET_WEIGHTS = (0.25, 0.35, 0.25, 0.15)
+SPARSE_P = 0.5  # share of clips that are mostly empty frames
+LAST_EMPTY_P = 0.25  # in those, the chance that the last frame (what "now" asks about) is empty too
+TURN_P = 0.5  # share of clips with earlier answered turns between their frames (a live session's layout)
+MOVING_P = 0.5  # share of clips cut from one continuous moving clip (one background, the same shapes drifting)
+MOVING_FRAMES = 16  # such windows run to 16 frames at any budget: a live question comes after many frames
 
 
 def cached_features(adapter: TinyAdapter, scenes: list[data.Scene], tag: str, batch: int = 16,
@@ -68,8 +74,9 @@ def cached_features(adapter: TinyAdapter, scenes: list[data.Scene], tag: str, ba
 def align(adapter: TinyAdapter, projector: Projector, feats: Features, scenes: list[data.Scene],
           steps: int, rng: np.random.Generator, tokens: int = 2048, lr: float = 3e-3, log=print) -> None:
     """Stage 1, no language model in the loop (seconds per step instead of a minute): pull each
-    patch token towards the word embeddings of what covers it (" red" + " circle", or "." for
-    background), so the LM starts from tokens that already read like the scene's words."""
+    patch token towards the word embeddings of what covers it (" red" + " circle", or the
+    background's answer word, " striped"), so the LM starts from tokens that already read like the
+    scene's words. (Aligning background patches to "." instead left the background unlearnt: run E.)"""
     E = adapter.model.get_input_embeddings().weight.detach()
     scale = E.norm(dim=-1).mean()
 
@@ -79,11 +86,12 @@ def align(adapter: TinyAdapter, projector: Projector, feats: Features, scenes: l
 
     labels = np.stack([data.patch_labels(s) for s in scenes])  # [N, 256], object index or -1
     pairs = [(c, s) for c in data.COLOURS for s in data.SHAPES]
-    table = torch.stack([word(".")] + [word(" " + c, " " + s) for c, s in pairs])  # row 0: background
+    grounds = list(data.BACKGROUNDS)  # rows 0..3: the background's word; then one row per object
+    table = torch.stack([word(" " + data.BACKGROUNDS[g]) for g in grounds] + [word(" " + c, " " + s) for c, s in pairs])
     rows = np.zeros_like(labels)
     for i, sc in enumerate(scenes):
-        ids = np.array([1 + pairs.index((o.colour, o.shape)) for o in sc.objects] or [0])
-        rows[i] = np.where(labels[i] >= 0, ids[np.maximum(labels[i], 0)], 0)
+        ids = np.array([len(grounds) + pairs.index((o.colour, o.shape)) for o in sc.objects] or [0])
+        rows[i] = np.where(labels[i] >= 0, ids[np.maximum(labels[i], 0)], grounds.index(sc.background[0]))
     targets = table[torch.from_numpy(rows)]
     is_obj = torch.from_numpy(labels >= 0).flatten()
     patches = feats.hidden[:, 1:].reshape(-1, feats.hidden.shape[-1])
@@ -112,18 +120,19 @@ class Batch(NamedTuple):
 
 
 def build_batch(adapter: TinyAdapter, projector: Projector, feats: Features, samples: list) -> Batch:
-    """samples: [(image indices, budget, times, [(q, a), ...])] -> Batch.
+    """samples: [(image indices, budget, times, [(q, a), ...], earlier turns)] -> Batch.
 
-    Each sample is system + frames, then one branch per QA pair (user turn + answer). A branch
+    Each sample is system + frames (with the earlier turns, answered, between them as the engine
+    keeps them: see TinyAdapter.prompt_embeds), then one branch per QA pair (user turn + answer). A branch
     attends to the frames and to itself only, and its positions continue from the frames, so
     every answer is predicted from exactly the sequence the engine builds for that question
     alone. Targets are every answer token plus the end-of-turn token (the model learns to stop).
     """
     eot = adapter.ids(adapter.chat.end_of_turn)[:1]
     seqs, pos, owner, where, targets, first = [], [], [], [], [], []
-    for b, (idx, budget, times, qas) in enumerate(samples):
+    for b, (idx, budget, times, qas, earlier) in enumerate(samples):
         vis = projector(*reduce(feats[list(idx)], "visionzip" if budget else "full", budget))
-        x = [adapter.prompt_embeds(list(vis), times, None)]
+        x = [adapter.prompt_embeds(list(vis), times, None, turns=earlier)]
         n = L = x[0].shape[0]
         p, o = list(range(n)), [0] * n  # owner 0: the shared frames; i: the i-th QA branch
         for i, (q, a) in enumerate(qas, 1):
@@ -155,7 +164,20 @@ def build_batch(adapter: TinyAdapter, projector: Projector, feats: Features, sam
     return Batch(embeds, mask[:, None], positions, torch.tensor(where), torch.tensor(targets), torch.tensor(first))
 
 
-def sample_batch(rng: np.random.Generator, scenes: list[data.Scene], batch: int, qas: int, clip_p: float):
+def earlier_turns(rng: np.random.Generator, clip: list[data.Scene]) -> list[tuple[int, str, str]]:
+    """One or two questions asked, and answered rightly, while the clip streamed: (k, q, a) sits
+    before frame k and is about the frames before it (the latest one, or all of them)."""
+    out = []
+    for k in sorted(rng.integers(1, len(clip), size=int(rng.integers(1, 3)))):
+        pool = data.questions(clip[k - 1], rng, n=2) + data.clip_questions(clip[:k], rng, n=2)
+        out.append((int(k), *pool[int(rng.integers(len(pool)))]))
+    return out
+
+
+def sample_batch(rng: np.random.Generator, scenes: list[data.Scene], batch: int, qas: int, clip_p: float,
+                 empty: list[int] = (), moving: list[list[int]] = ()):
+    """[(image indices, budget, times, [(q, a), ...], earlier turns)]. empty: indices of frames with no
+    object; moving: index lists of continuous clips (consecutive frames of data.moving_clip)."""
     budget = BUDGETS[rng.choice(len(BUDGETS), p=BUDGET_WEIGHTS)]
     clip = budget is not None and rng.random() < clip_p
     out = []
@@ -165,14 +187,31 @@ def sample_batch(rng: np.random.Generator, scenes: list[data.Scene], batch: int,
             # tokens), so long windows are seen in training too.
             n = int(rng.integers(2, max(6, 384 // budget) + 1))
             idx = [int(i) for i in rng.choice(len(scenes), size=n, replace=False)]
+            if len(moving) and rng.random() < MOVING_P:
+                # frames of one continuous clip, in order: a live camera's "now" is its latest frame of
+                # the same scene, which random unrelated frames never taught (runs G and H read the
+                # demo clip's one-shape last frame as "0")
+                # (run I, with at most 6 frames at 64 tokens, counted the demo right at 4-8 frames, wrong at 12-16)
+                c = moving[int(rng.integers(len(moving)))]
+                n = min(len(c), int(rng.integers(2, max(MOVING_FRAMES, 384 // budget) + 1)))
+                idx = [c[i] for i in sorted(rng.choice(len(c), size=n, replace=False))]
+            elif len(empty) and rng.random() < SPARSE_P:
+                # a stream that mostly shows nothing (a quiet camera, the long video): most
+                # frames are empty, so "was there ...?" must come from the few that are not
+                # The last frame is emptied less often: "how many ... now?" reads it, and emptying
+                # it 80% of the time taught "now" to lean to 0 (run G answered a one-shape frame "0").
+                idx = [int(rng.choice(empty)) if rng.random() < (0.8 if j < n - 1 else LAST_EMPTY_P) else i
+                       for j, i in enumerate(idx)]
             t0, gap = float(rng.integers(0, 600)), float(rng.integers(1, 30))
             times = [t0 + gap * j for j in range(n)]
             pairs = data.clip_questions([scenes[i] for i in idx], rng, n=qas)
+            earlier = earlier_turns(rng, [scenes[i] for i in idx]) if rng.random() < TURN_P else []
         else:
             idx = [int(rng.integers(len(scenes)))]
             times = [float(rng.integers(0, 1200)) / 2]
             pairs = data.questions(scenes[idx[0]], rng, n=qas)
-        out.append((idx, budget, times, pairs))
+            earlier = []
+        out.append((idx, budget, times, pairs, earlier))
     return out
 
 
@@ -196,7 +235,7 @@ def evaluate(adapter: TinyAdapter, projector: Projector, feats: Features, qas: l
     for budget in budgets:
         right = []
         for i in range(0, len(qas), batch):
-            samples = [([j], budget, [0.0], qas[j]) for j in range(i, min(i + batch, len(qas)))]
+            samples = [([j], budget, [0.0], qas[j], []) for j in range(i, min(i + batch, len(qas)))]
             b = build_batch(adapter, projector, feats, samples)
             _, ok = loss_on(adapter, b, bf16)
             right.append(ok[b.first])
@@ -247,12 +286,15 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=380, help="stage 2 (LM loss) steps")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--qas", type=int, default=8, help="question/answer turns per sample")
-    ap.add_argument("--clip-p", type=float, default=0.15, help="share of compressed batches that are clips")
+    ap.add_argument("--clip-p", type=float, default=0.2, help="share of compressed batches that are clips")
+    ap.add_argument("--empty", type=int, default=128, help="extra training frames with no object")
+    ap.add_argument("--moving", type=int, default=32, help="continuous moving training clips")
+    ap.add_argument("--moving-frames", type=int, default=24, help="frames per moving clip")
     ap.add_argument("--lr", type=float, default=2e-3, help="projector learning rate")
     ap.add_argument("--lora-rank", type=int, default=8, help="LoRA rank on the LM's attention (0: projector only)")
     ap.add_argument("--lora-lr", type=float, default=2e-3)
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast (slower; for CPUs without BF16)")
-    ap.add_argument("--eval-every", type=int, default=80, help="held-out check every N steps (0: only at the end)")
+    ap.add_argument("--eval-every", type=int, default=190, help="held-out check every N steps (0: only at the end)")
     ap.add_argument("--eval-scenes", type=int, default=48)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--out", type=Path, default=PROJECTOR, help="projector weights; the LoRA goes beside it")
@@ -265,11 +307,27 @@ def main(argv=None) -> int:
 
     adapter = TinyAdapter(tokens_per_frame=None, device="cpu", dtype=torch.float32, projector=None)
     scenes = [data.random_scene(rng, "train") for _ in range(args.images)]
+    empty_rng = np.random.default_rng([args.seed, 1])  # its own stream: the scenes above stay the same
+    empties = [data.Scene(data.random_background(empty_rng, "train")) for _ in range(args.empty)]
+    mov_rng = np.random.default_rng([args.seed, 2])
+    clips = [data.moving_clip(mov_rng, args.moving_frames, "train", objects=int(mov_rng.integers(1, data.MAX_OBJECTS + 1)))
+             for _ in range(args.moving)]
     ev_rng = np.random.default_rng(EVAL_SEED)
     ev_scenes = [data.random_scene(ev_rng, "test") for _ in range(args.eval_scenes)]
     ev_qas = [data.questions(sc, ev_rng, n=args.qas) for sc in ev_scenes]
     t0 = time.time()
     feats = cached_features(adapter, scenes, f"train-seed{args.seed}-n{args.images}")
+    if empties:
+        feats = Features.cat([feats, cached_features(adapter, empties, f"empty-seed{args.seed}-n{args.empty}")])
+    empty, scenes = list(range(len(scenes), len(scenes) + len(empties))), scenes + empties
+    if clips:
+        flat = [sc for c in clips for sc in c]
+        feats = Features.cat([feats, cached_features(adapter, flat, f"moving-seed{args.seed}-n{args.moving}x{args.moving_frames}")])
+        moving = [list(range(len(scenes) + i * args.moving_frames, len(scenes) + (i + 1) * args.moving_frames))
+                  for i in range(len(clips))]
+        scenes = scenes + flat
+    else:
+        moving = []
     ev_feats = cached_features(adapter, ev_scenes, f"eval-seed{EVAL_SEED}-n{args.eval_scenes}")
     print(f"features ready: {tuple(feats.hidden.shape)} in {time.time() - t0:.0f}s", flush=True)
 
@@ -292,7 +350,7 @@ def main(argv=None) -> int:
     timings = (t_align - t0, t1 - t_align)
     params = [p for g in groups for p in g["params"]]
     for step in range(1, args.steps + 1):
-        batch = build_batch(adapter, projector, feats, sample_batch(rng, scenes, args.batch, args.qas, args.clip_p))
+        batch = build_batch(adapter, projector, feats, sample_batch(rng, scenes, args.batch, args.qas, args.clip_p, empty, moving))
         loss, ok = loss_on(adapter, batch, bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
