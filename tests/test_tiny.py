@@ -114,7 +114,8 @@ def test_training_mixes_in_windows_of_continuous_moving_clips():
     for n_obj in (1, 2, 3):
         clip = data.moving_clip(rng, 12, "train", objects=n_obj)
         assert len({sc.background for sc in clip}) == 1
-        assert len(clip[0].objects) == n_obj and len(clip[-1].objects) == n_obj - 1  # the first one leaves
+        # up to n_obj shapes (placement can fit fewer large ones); the first one leaves half way
+        assert 1 <= len(clip[0].objects) <= n_obj and len(clip[-1].objects) == len(clip[0].objects) - 1
         moving.append(list(range(len(scenes), len(scenes) + len(clip))))
         scenes += clip
     clips = windows = 0
@@ -123,10 +124,9 @@ def test_training_mixes_in_windows_of_continuous_moving_clips():
             if len(idx) == 1:
                 continue
             clips += 1
-            owner = [c for c in moving if idx[0] in c]
-            if owner:
+            # (unrelated-scene clips draw from every frame, these too, but rarely all from one clip in order)
+            if any(all(i in c for i in idx) for c in moving) and idx == sorted(set(idx)):
                 windows += 1
-                assert all(i in owner[0] for i in idx) and idx == sorted(set(idx)), idx  # one clip, in order
                 assert pairs[0] == ("How many shapes are there now?", str(len(scenes[idx[-1]].objects)))
     assert clips > 50 and 0.35 < windows / clips < 0.65, (clips, windows)
 
