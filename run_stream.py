@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 
+from streamvz.config import DEFAULTS
 from streamvz.errors import StreamError
 
 try:  # uvloop when installed: a faster event loop for many sockets; asyncio otherwise
@@ -38,11 +39,12 @@ def engine_args(p: argparse.ArgumentParser) -> None:
                         "default: the embedded streamvz-tiny (installed by `make weights`)")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="model dtype")
-    g.add_argument("--tokens-per-frame", type=int, default=64,
+    g.add_argument("--tokens-per-frame", type=int, default=DEFAULTS.tokens_per_frame,
                    help="VisionZip tokens kept per frame (64 = 54 dominant + 10 contextual)")
     g.add_argument("--window", type=int, default=None,
                    help="frames kept in each session's KV cache (default: as many as the context holds)")
-    g.add_argument("--max-sessions", type=int, default=16, help="sessions the engine holds at once")
+    g.add_argument("--max-sessions", type=int, default=DEFAULTS.max_sessions,
+                   help="sessions the engine holds at once (KV memory: max sessions x cache budget, fixed at start)")
 
 
 def make_engine(a, **limits):
@@ -240,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grace", type=float, default=30.0, help="seconds a disconnected client's session is kept")
     s.add_argument("--sessions-per-client", type=int, default=4, help="sessions one client address may hold")
     s.add_argument("--max-push-fps", type=float, default=30.0, help="frames/s a client may push to a session")
-    s.add_argument("--max-question-chars", type=int, default=2000, help="longest question accepted")
+    s.add_argument("--max-question-chars", type=int, default=DEFAULTS.max_question_chars,
+                   help="longest question accepted")
 
     an = sub.add_parser("analyze", help="analyse a video file: answers and a timestamped summary (JSON + Markdown)",
                         description="Walk VIDEO at --fps, write a timeline summary every --summary-every seconds "

@@ -49,7 +49,7 @@ def batch_answers(adapter, vis: list[torch.Tensor], questions: list[list[str]], 
     prefix = torch.stack([adapter.prompt_embeds([v], [t], None) for v in vis])
     P = prefix.shape[1]
     cache = DynamicCache(config=m.config)
-    m(inputs_embeds=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    m(inputs_embeds=prefix, cache=cache, use_cache=True, logits_to_keep=1)
     eos = set(adapter.eos_token_ids)
     out = [[""] * len(q) for q in questions]
     for j in range(n):
@@ -60,7 +60,7 @@ def batch_answers(adapter, vis: list[torch.Tensor], questions: list[list[str]], 
         mask = torch.cat([torch.ones(B, P, dtype=torch.long, device=dev),
                           (torch.arange(L, device=dev)[None] < lens[:, None]).long()], dim=1)
         pos = (P + torch.arange(L, device=dev))[None].expand(B, L)
-        logits = m(inputs_embeds=x, attention_mask=mask, past_key_values=cache, position_ids=pos,
+        logits = m(inputs_embeds=x, attention_mask=mask, cache=cache, position_ids=pos,
                    use_cache=True).logits
         nxt = logits[torch.arange(B), lens - 1].argmax(-1)
         gen, done, cur = [[] for _ in range(B)], [False] * B, P + lens
@@ -73,7 +73,7 @@ def batch_answers(adapter, vis: list[torch.Tensor], questions: list[list[str]], 
                 break
             mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long, device=dev)], dim=1)
             logits = m(inputs_embeds=adapter.embed_ids(nxt.tolist())[:, None], attention_mask=mask,
-                       past_key_values=cache, position_ids=cur[:, None], use_cache=True).logits
+                       cache=cache, position_ids=cur[:, None], use_cache=True).logits
             nxt, cur = logits[:, -1].argmax(-1), cur + 1
         if cache.get_seq_length() > P:
             cache.crop(P - cache.get_seq_length())  # drop this question; the next sees the same prefix

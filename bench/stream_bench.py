@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from common import machine, machine_name, sync, table, write_json  # noqa: E402
 
+from streamvz.adapters import load_adapter  # noqa: E402
 from streamvz.engine import Engine  # noqa: E402
 
 TOWERS = {  # both see 336 px frames as a 24x24 grid: 576 patch tokens, as LLaVA-1.5's tower does
@@ -124,8 +125,8 @@ class Probe:
             out.append(self.cache[key])
         return torch.stack(out), None
 
-    def forward(self, inputs_embeds, cache, position_ids):
-        return self._timed(self.lm_s, self._a.forward, inputs_embeds, cache, position_ids)
+    def forward(self, inputs_embeds, cache, position_ids, attention_mask=None):
+        return self._timed(self.lm_s, self._a.forward, inputs_embeds, cache, position_ids, attention_mask)
 
 
 def tagged(frames: list[np.ndarray], i: int) -> np.ndarray:
@@ -137,8 +138,8 @@ def tagged(frames: list[np.ndarray], i: int) -> np.ndarray:
 async def bench_ingest(path, args, frames):
     rows = []
     for tokens in (None, args.tokens):
-        engine = Engine(path, device=args.device, dtype=args.dtype, tokens_per_frame=tokens)
-        engine.adapter = probe = Probe(engine.adapter)
+        probe = Probe(load_adapter(path, tokens_per_frame=tokens, device=args.device, dtype=args.dtype))
+        engine = Engine(probe, tokens_per_frame=tokens)
         s = engine.session()
         for i in range(2):  # warm up (and the system prompt)
             await s.add_frame(frames[i], t=float(i))
@@ -149,7 +150,7 @@ async def bench_ingest(path, args, frames):
             t0 = time.perf_counter()
             await s.add_frame(frames[i], t=float(i))
             times.append(time.perf_counter() - t0)
-        rows.append(dict(tokens_per_frame=probe.tokens_per_frame, block_tokens=s._state.cache.blocks[-1].tokens,
+        rows.append(dict(tokens_per_frame=probe.tokens_per_frame, block_tokens=(await s.cache_view()).blocks[-1].tokens,
                          ingest_ms=1e3 * statistics.median(times), vision_ms=1e3 * statistics.median(probe.vision_s),
                          prefill_ms=1e3 * statistics.median(probe.lm_s)))
         print(f"  ingest {rows[-1]}", flush=True)
@@ -165,11 +166,11 @@ async def baseline_ttft(adapter, engine, session, window, question):
     t0 = time.perf_counter()
     with torch.inference_mode():
         vis = adapter.encode_frames(np.stack([f for _, f in window]))
-        pieces = [adapter.embed(torch.tensor([engine.system_ids(session.system_prompt)]))[0]]
+        pieces = [adapter.embed(torch.tensor([engine.prompt.system(session.system_prompt)]))[0]]
         for (t, _), v in zip(window, vis):
-            before, after = engine.frame_ids(t)
+            before, after = engine.prompt.frame(t)
             pieces += [adapter.embed(torch.tensor([before]))[0], v, adapter.embed(torch.tensor([after]))[0]]
-        pieces.append(adapter.embed(torch.tensor([engine.question_ids(question)]))[0])
+        pieces.append(adapter.embed(torch.tensor([engine.prompt.question(question)]))[0])
         embeds = torch.cat(pieces)[None]
         adapter.model.generate(inputs_embeds=embeds, max_new_tokens=1, do_sample=False)
     sync(adapter.device)
@@ -177,10 +178,8 @@ async def baseline_ttft(adapter, engine, session, window, question):
 
 
 async def bench_stream(path, args, frames):
-    engine = Engine(path, device=args.device, dtype=args.dtype, tokens_per_frame=args.tokens,
-                    window_frames=args.window)
-    real = engine.adapter
-    engine.adapter = Probe(real, pool=True)
+    real = load_adapter(path, tokens_per_frame=args.tokens, device=args.device, dtype=args.dtype)
+    engine = Engine(Probe(real, pool=True), tokens_per_frame=args.tokens, window_frames=args.window)
     s = engine.session()
     await s.ask(QUESTION, max_new_tokens=2).result()  # warm up the question path (first-call kernel setup)
     checkpoints = sorted(int(m * 60) for m in args.minutes)
@@ -199,7 +198,7 @@ async def bench_stream(path, args, frames):
                 a = s.ask(QUESTION, max_new_tokens=4)
                 await a.result()
                 ttfts.append(a.usage["ttft_s"])
-            window = [(b.meta["t"], tagged(frames, int(b.meta["t"]))) for b in s._state.cache.frames()]
+            window = [(b.meta["t"], tagged(frames, int(b.meta["t"]))) for b in (await s.cache_view()).frames()]
             base, base_tokens = await baseline_ttft(real, engine, s, window, QUESTION)
             st = s.stats()
             rows.append(dict(minutes=n / 60, frames_in_window=st["frames_in_window"], cache_tokens=st["cache_tokens"],

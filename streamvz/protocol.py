@@ -86,9 +86,9 @@ class Limits:
     max_message_bytes: int = 64 * 1024  # JSON text messages
     max_frame_bytes: int = 4 * 1024 * 1024  # one binary frame
     max_frame_pixels: int = 4096 * 4096
-    max_question_chars: int = 2000
-    max_new_tokens: int = 512
-    max_sessions: int = 16  # the whole server
+    max_question_chars: int = DEFAULTS.max_question_chars
+    max_new_tokens: int = DEFAULTS.max_new_tokens_limit
+    max_sessions: int = DEFAULTS.max_sessions  # the whole server
     max_sessions_per_client: int = 4
     max_push_fps: float = 30.0  # frames per second a client may push to one session
     max_queued_asks: int = 4

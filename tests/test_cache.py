@@ -1,11 +1,13 @@
-"""RollingCache against a tiny random Llama: incremental prefill and eviction + re-rotation
-must reproduce a one-shot forward over the kept tokens at contiguous positions."""
+"""The KV policy (kv.BlockTable) and store (kv.SlotStore) against a tiny random Llama: incremental
+prefill and eviction + re-rotation must reproduce a one-shot forward over the kept tokens at
+contiguous positions."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from streamvz.cache import RollingCache, rope_inv_freq
 from streamvz.errors import StreamError
+from streamvz.kv import BlockTable, SlotStore, rope_inv_freq
+from streamvz.kv.store import kv_shape
 
 
 def make_llama(layers):
@@ -26,10 +28,51 @@ def llama1():
     return make_llama(1)
 
 
+class Slot:
+    """One session's cache as the engine keeps it: a block table over one slot of a store."""
+
+    def __init__(self, model, budget, slot=0, **kw):
+        self.model, self.slot = model, slot
+        self.table = BlockTable(budget, **kw)
+        self.store = SlotStore(*kv_shape(model.config), slots=slot + 1, budget=budget, dtype=torch.float32,
+                               device="cpu", inv_freq=rope_inv_freq(model))
+
+    def __getattr__(self, name):  # blocks, count, frames, next_position, evicted_*, budget_tokens
+        return getattr(self.table, name)
+
+    def append(self, kind, n, span=None):
+        (start,), ev = self.table.append_many([(kind, n, span, {})])
+        self.store.compact(self.slot, ev) if ev else None
+        return start
+
+    def grow(self, n):
+        start, ev = self.table.grow(n)
+        self.store.compact(self.slot, ev) if ev else None
+        return start
+
+    def keys(self, layer):
+        return self.store.rows(self.slot)[layer][0]
+
+    def values(self, layer):
+        return self.store.rows(self.slot)[layer][1]
+
+    def nbytes(self):
+        return self.store.nbytes(self.slot)
+
+    def step(self, model, embeds, positions):
+        """Run new rows through the model into this slot (positions [n] or [3, n])."""
+        pos = torch.as_tensor(positions)
+        batch = self.store.batch([self.slot], [len(embeds)], len(embeds), torch.float32)
+        with torch.inference_mode():
+            out = model(inputs_embeds=embeds[None], cache=batch, position_ids=pos[..., None, :],
+                        attention_mask=batch.mask, use_cache=True)
+        self.store.commit(batch)
+        assert self.store.length[self.slot] == self.table.count()
+        return out
+
+
 def step(model, cache, embeds, positions):
-    with torch.inference_mode():
-        return model(inputs_embeds=embeds[None], past_key_values=cache,
-                     position_ids=torch.as_tensor(positions)[None], use_cache=True).logits[0]
+    return cache.step(model, embeds, positions).logits[0]
 
 
 def oneshot(model, embeds, positions):
@@ -38,7 +81,7 @@ def oneshot(model, embeds, positions):
 
 
 def new_cache(model, budget, **kw):
-    return RollingCache(model.config, rope_inv_freq(model), budget, **kw)
+    return Slot(model, budget, **kw)
 
 
 def feed(model, cache, kind, embeds, offsets=None):
@@ -47,9 +90,7 @@ def feed(model, cache, kind, embeds, offsets=None):
     span = None if offsets is None else max(offsets) + 1
     start = cache.append(kind, n, span)
     pos = [start + o for o in (range(n) if offsets is None else offsets)]
-    out = step(model, cache, embeds, pos)
-    cache.check()
-    return out
+    return step(model, cache, embeds, pos)
 
 
 def test_incremental_prefill_equals_oneshot(llama):
@@ -92,7 +133,7 @@ def test_eviction_rerotation_equals_fresh_forward(llama, llama1, offsets):
         feed(model, cache, "frame", frames[1], offsets)
         feed(model, cache, "turn", turn)
         feed(model, cache, "frame", frames[2], offsets)
-        values_before = [layer.values[..., 10:, :].clone() for layer in cache.layers]
+        values_before = [cache.values(i)[..., 10:, :].clone() for i in range(len(model.model.layers))]
         out = feed(model, cache, "frame", frames[3], offsets)  # evicts frames[0]
         assert cache.evicted_frames == 1
         assert [b.kind for b in cache.blocks] == ["system", "frame", "turn", "frame", "frame"]
@@ -104,13 +145,13 @@ def test_eviction_rerotation_equals_fresh_forward(llama, llama1, offsets):
             start += max(off) + 1
         assert cache.next_position == start
         kept_e = torch.cat([e for e, _ in kept])
-        fresh = new_cache(model, 1000)
+        fresh = new_cache(model, 256)
         fresh.append("system", len(pos))
         ref = step(model, fresh, kept_e, pos)
-        torch.testing.assert_close(cache.layers[0].keys, fresh.layers[0].keys, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(cache.layers[0].values, fresh.layers[0].values, atol=1e-6, rtol=1e-5)
-        for layer, before in zip(cache.layers, values_before):  # values are moved, never changed
-            assert torch.equal(layer.values[..., 4:-6, :], before)
+        torch.testing.assert_close(cache.keys(0), fresh.keys(0), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cache.values(0), fresh.values(0), atol=1e-6, rtol=1e-5)
+        for i, before in enumerate(values_before):  # values are moved, never changed
+            assert torch.equal(cache.values(i)[..., 4:-6, :], before)
         if model is llama1:
             torch.testing.assert_close(out, ref[-6:], atol=1e-5, rtol=1e-4)
 
@@ -122,13 +163,13 @@ def test_memory_flat_and_positions_bounded(llama):
     for _ in range(5):
         feed(llama, cache, "frame", torch.randn(4, 64, generator=g))
     tokens, nbytes = cache.count(), cache.nbytes()
-    sys_keys = cache.layers[0].keys[..., :3, :].clone()
+    sys_keys = cache.keys(0)[..., :3, :].clone()
     for _ in range(50):
         feed(llama, cache, "frame", torch.randn(4, 64, generator=g))
         assert cache.count() == tokens and cache.nbytes() == nbytes
         assert cache.next_position <= cache.budget_tokens
     assert cache.evicted_frames == 50
-    torch.testing.assert_close(cache.layers[0].keys[..., :3, :], sys_keys)  # the sink never moves
+    torch.testing.assert_close(cache.keys(0)[..., :3, :], sys_keys)  # the sink never moves
 
 
 def test_turns_kept_then_dropped_beyond_share(llama):
@@ -169,7 +210,6 @@ def test_mrope_uniform_shift(layers):
                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                 "mrope_section": [2, 3, 3]})
     model = Qwen2_5_VLTextModel(cfg).eval()
-    inv_freq = model.rotary_emb.inv_freq
     # a 2x3 grid frame: t stays, h in {0, 1}, w in {0, 1, 2}; it spans 3 positions
     grid = torch.tensor([[0] * 6, [0, 0, 0, 1, 1, 1], [0, 1, 2, 0, 1, 2]])
     g = torch.Generator().manual_seed(5)
@@ -179,18 +219,16 @@ def test_mrope_uniform_shift(layers):
 
     def run(cache, embeds, start, off):
         n = len(embeds)
-        pos = (torch.arange(start, start + n).expand(3, n) if off is None else start + off)[:, None, :]
-        with torch.inference_mode():
-            return model(inputs_embeds=embeds[None], past_key_values=cache, position_ids=pos,
-                         use_cache=True).last_hidden_state[0]
+        pos = torch.arange(start, start + n).expand(3, n) if off is None else start + off
+        return cache.step(model, embeds, pos).last_hidden_state[0]
 
-    cache = RollingCache(cfg, inv_freq, budget_tokens=100, max_frames=2)
+    cache = Slot(model, 100, max_frames=2)
     for kind, e, off in blocks:
         start = cache.append(kind, len(e), None if off is None else int(off.max()) + 1)
         out = run(cache, e, start, off)
     assert cache.evicted_frames == 1 and [b.kind for b in cache.blocks] == ["system", "turn", "frame", "frame"]
     kept = [blocks[0], blocks[2], blocks[3], blocks[4]]
-    fresh = RollingCache(cfg, inv_freq, budget_tokens=100)
+    fresh = Slot(model, 100)
     start = 0
     for kind, e, off in kept:
         s = fresh.append(kind, len(e), None if off is None else int(off.max()) + 1)
@@ -198,6 +236,6 @@ def test_mrope_uniform_shift(layers):
         ref = run(fresh, e, s, off)
         start = fresh.next_position
     assert cache.next_position == fresh.next_position == 3 + 4 + 3 + 3
-    torch.testing.assert_close(cache.layers[0].keys, fresh.layers[0].keys, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cache.keys(0), fresh.keys(0), atol=1e-5, rtol=1e-4)
     if layers == 1:
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)

@@ -25,14 +25,14 @@ async def feed(session, imgs, t0=0.0):
 
 def prompt_ids(engine, imgs, turns, frame_tokens, t0=0.0):
     """Token ids of the whole conversation built in one shot; frames as `frame_tokens(i)` lists."""
-    ids = engine.system_ids(SYSTEM)
+    ids = engine.prompt.system(SYSTEM)
     for i in range(len(imgs)):
-        before, after = engine.frame_ids(t0 + i)
+        before, after = engine.prompt.frame(t0 + i)
         ids += before + frame_tokens(i) + after
     for q, answer in turns:
-        ids += engine.question_ids(q)
+        ids += engine.prompt.question(q)
         if answer is not None:
-            ids += answer + engine.end_of_turn_ids
+            ids += answer + engine.prompt.end_of_turn
     return ids
 
 
@@ -58,7 +58,7 @@ async def test_full_tokens_equal_generate(tiny_llava):
         assert got.token_ids == ref
     assert text1 == ad.tokenizer.decode(a1.token_ids, skip_special_tokens=True)
     assert a1.usage["finish_reason"] == "length" and a1.usage["completion_tokens"] == 8
-    assert a1.usage["prompt_tokens"] == len(engine.question_ids(Q1))
+    assert a1.usage["prompt_tokens"] == len(engine.prompt.question(Q1))
     assert a1.usage["tokens_per_s"] > 0
     one = s.ask(Q1, max_new_tokens=1)
     await one.result()
@@ -138,19 +138,19 @@ async def test_token_budget_evicts_frames_keeps_system_and_turns(tiny_llava):
     a = s.ask(Q1, max_new_tokens=4)
     await a.result()
     await feed(s, frames(12, seed=5), t0=100.0)
-    cache = s._state.cache
+    cache = await s.cache_view()
     kinds = [b.kind for b in cache.blocks]
     assert kinds[0] == "system" and kinds.count("turn") == 1
     assert cache.blocks[1].kind == "turn" and cache.blocks[1].meta["question"] == Q1  # older frames gone
     kept_t = [b.meta["t"] for b in cache.frames()]
     assert kept_t == sorted(kept_t) and kept_t[-1] == 111.0 and min(kept_t) > 100.0
-    assert cache.get_seq_length() == cache.count() <= 160 and cache.next_position == cache.count()
+    assert cache.layers[0][0].shape[-2] == cache.count() <= 160 and cache.next_position == cache.count()
     # the system prompt and turn rows are exactly what they were before the frames went
     sys_rows = cache.blocks[0].tokens
     ref = Engine(engine.adapter, cache_budget_tokens=160).session(system_prompt=SYSTEM)
     await ref.add_frame(frames(1)[0], t=0.0)
-    torch.testing.assert_close(cache.layers[0].keys[..., :sys_rows, :],
-                               ref._state.cache.layers[0].keys[..., :sys_rows, :])
+    torch.testing.assert_close(cache.layers[0][0][..., :sys_rows, :],
+                               (await ref.cache_view()).layers[0][0][..., :sys_rows, :])
     b = s.ask(Q2, max_new_tokens=3)  # still answers after eviction
     assert len(await b.result()) > 0 and b.usage["completion_tokens"] == 3
     await engine.aclose()
@@ -166,7 +166,7 @@ async def run_alone(engine, imgs, q, seed):
 
 
 async def test_concurrent_sessions_match_alone(tiny_llava):
-    engine = Engine(tiny_llava, tokens_per_frame=16, max_batch_frames=4, decode_tokens_per_round=2)
+    engine = Engine(tiny_llava, tokens_per_frame=16, max_batch_frames=4, decode_steps_per_frame_step=2)
     jobs = [(frames(3, seed=10 + i), q, seed) for i, (q, seed) in enumerate([(Q1, None), (Q2, None), (Q1, 7)])]
     alone = [await run_alone(engine, *j) for j in jobs]
     together = await asyncio.gather(*(run_alone(engine, *j) for j in jobs))
@@ -176,7 +176,7 @@ async def test_concurrent_sessions_match_alone(tiny_llava):
 
 
 async def test_long_answer_does_not_starve_other_frames(tiny_llava):
-    engine = Engine(tiny_llava, tokens_per_frame=16, decode_tokens_per_round=2)
+    engine = Engine(tiny_llava, tokens_per_frame=16, decode_steps_per_frame_step=2)
     a_s, b_s = engine.session(), engine.session()
     await a_s.add_frame(frames(1)[0], t=0.0)
     long = a_s.ask(Q1, max_new_tokens=200)
@@ -202,10 +202,10 @@ async def test_cancel_stops_and_conversation_continues(tiny_llava):
             a.cancel()
     assert a.usage["finish_reason"] == "cancelled"
     assert a.usage["completion_tokens"] < 300
-    turn = s._state.cache.blocks[-1]
+    turn = (await s.cache_view()).blocks[-1]
     assert turn.kind == "turn"
     # the partial answer and the end-of-turn marker are in the conversation
-    assert turn.tokens == a.usage["prompt_tokens"] + len(a.token_ids) + len(engine.end_of_turn_ids)
+    assert turn.tokens == a.usage["prompt_tokens"] + len(a.token_ids) + len(engine.prompt.end_of_turn)
     b = s.ask(Q2, max_new_tokens=2)
     await b.result()
     assert b.usage["finish_reason"] == "length"
@@ -223,7 +223,7 @@ async def test_submit_frame_backlog_drops_oldest(tiny_llava):
     assert s.stats()["frames_dropped"] == 4 and s.stats()["frames_seen"] == 6
     a = s.ask(Q1, max_new_tokens=2)  # sees the frames submitted before it
     await a.result()
-    assert [b.meta["t"] for b in s._state.cache.frames()] == [4.0, 5.0]
+    assert [b.meta["t"] for b in (await s.cache_view()).frames()] == [4.0, 5.0]
     await engine.aclose()
 
 
@@ -283,12 +283,13 @@ async def test_burst_of_frames_is_prefilled_in_one_call_with_the_same_result(tin
     got = burst.ask(Q1, max_new_tokens=6)
     await got.result()
     del engine.adapter.forward
-    frame_calls = calls[1:3]  # after the system prompt: the 5 frames in window-sized groups (4 + 1)
-    per_frame = one._state.cache.frames()[0].tokens
-    assert frame_calls == [4 * per_frame, per_frame]
-    assert [b.meta["t"] for b in burst._state.cache.frames()] == [1.0, 2.0, 3.0, 4.0]
-    assert [(b.kind, b.start, b.tokens) for b in burst._state.cache.blocks] == \
-        [(b.kind, b.start, b.tokens) for b in one._state.cache.blocks]
+    one_view, burst_view = await one.cache_view(), await burst.cache_view()
+    sys_rows, per_frame = one_view.blocks[0].tokens, one_view.frames()[0].tokens
+    # the system prompt goes in with the first frames; the 5 frames in window-sized groups (4 + 1)
+    assert calls[:2] == [sys_rows + 4 * per_frame, per_frame]
+    assert [b.meta["t"] for b in burst_view.frames()] == [1.0, 2.0, 3.0, 4.0]
+    assert [(b.kind, b.start, b.tokens) for b in burst_view.blocks] == \
+        [(b.kind, b.start, b.tokens) for b in one_view.blocks]
     assert got.token_ids == want.token_ids
     await engine.aclose()
 
@@ -299,7 +300,8 @@ async def test_failed_frame_prefill_is_undone_and_the_session_goes_on(tiny_llava
     engine = Engine(tiny_llava, tokens_per_frame=16)
     s = engine.session(system_prompt=SYSTEM)
     await s.add_frame(frames(1)[0], t=0.0)
-    before = (s._state.cache.count(), s._state.cache.get_seq_length(), len(s._state.cache.blocks))
+    view = await s.cache_view()
+    before = (view.count(), view.layers[0][0].shape[-2], len(view.blocks))
     forward = engine.adapter.forward
 
     def fails_after_writing(x, cache, *a, **k):
@@ -313,7 +315,8 @@ async def test_failed_frame_prefill_is_undone_and_the_session_goes_on(tiny_llava
     with pytest.raises(StreamError) as err:
         await s.add_frame(frames(1, seed=41)[0], t=9.0)
     assert err.value.code == "internal_error" and "out of memory" in err.value.message
-    assert (s._state.cache.count(), s._state.cache.get_seq_length(), len(s._state.cache.blocks)) == before
+    view = await s.cache_view()
+    assert (view.count(), view.layers[0][0].shape[-2], len(view.blocks)) == before
     del engine.adapter.forward
     await s.add_frame(imgs[0], t=10.0)
     a = s.ask(Q1, max_new_tokens=3)
@@ -333,7 +336,8 @@ async def test_burst_after_an_answer_evicts_frames_not_the_turn(tiny_llava):
         s.submit_frame(f, t=100.0 + i)  # held until the answer's turn closes
     await a.result()
     await s.add_frame(frames(1, seed=52)[0], t=200.0)
-    kinds = [b.kind for b in s._state.cache.blocks]
-    assert kinds.count("turn") == 1 and s._state.cache.count() <= 150
-    assert s._state.cache.frames()[-1].meta["t"] == 200.0
+    view = await s.cache_view()
+    kinds = [b.kind for b in view.blocks]
+    assert kinds.count("turn") == 1 and view.count() <= 150
+    assert view.frames()[-1].meta["t"] == 200.0
     await engine.aclose()

@@ -42,14 +42,14 @@ def model_inputs(ad, family, imgs):
 
 
 def conversation_ids(engine, n_frames, frame_ids, turns):
-    ids = engine.system_ids(SYSTEM)
+    ids = engine.prompt.system(SYSTEM)
     for i in range(n_frames):
-        before, after = engine.frame_ids(float(i))
+        before, after = engine.prompt.frame(float(i))
         ids += before + frame_ids + after
     for q, answer in turns:
-        ids += engine.question_ids(q)
+        ids += engine.prompt.question(q)
         if answer is not None:
-            ids += answer + engine.end_of_turn_ids
+            ids += answer + engine.prompt.end_of_turn
     return ids
 
 
@@ -150,15 +150,15 @@ async def test_compressed_session_evicts_and_rerotates(family):
 
     fresh = Engine(ad).session(system_prompt=SYSTEM)
     await feed(fresh, imgs[1:], t0=1.0)
-    kept, ref = s._state.cache, fresh._state.cache
+    kept, ref = await s.cache_view(), await fresh.cache_view()
     assert [(b.kind, b.start, b.span) for b in kept.blocks] == [(b.kind, b.start, b.span) for b in ref.blocks]
-    torch.testing.assert_close(kept.layers[0].keys, ref.layers[0].keys, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(kept.layers[0].values, ref.layers[0].values)
+    torch.testing.assert_close(kept.layers[0][0], ref.layers[0][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(kept.layers[0][1], ref.layers[0][1])
 
     a1 = s.ask(Q1, max_new_tokens=6)
     await a1.result()
     a2 = s.ask(Q2, max_new_tokens=4)
     await a2.result()
     assert a1.usage["completion_tokens"] > 0 and a2.usage["completion_tokens"] > 0
-    assert [b.kind for b in kept.blocks] == ["system", "frame", "frame", "turn", "turn"]
+    assert [b.kind for b in (await s.cache_view()).blocks] == ["system", "frame", "frame", "turn", "turn"]
     await rolling.aclose()

@@ -530,10 +530,10 @@ async def test_an_answered_turn_between_frames_is_the_training_layout(adapter):
         first = (await s.ask(question, max_new_tokens=3).result()).strip()
         for t, f in enumerate(frames[1:], 1):
             await s.add_frame(f, t=float(t))
-        live = s._state.cache
+        live = await s.cache_view()
         x = adapter.prompt_embeds(list(emb), [0.0, 1.0, 2.0], None, turns=[(1, question, first)])
         ref = DynamicCache(config=adapter.model.config)
-        adapter.model(inputs_embeds=x[None], past_key_values=ref, use_cache=True, logits_to_keep=1)
-        assert live.get_seq_length() == ref.get_seq_length() == x.shape[0]
-        for a, b in zip(live.layers, ref.layers):
-            assert torch.allclose(a.keys, b.keys, atol=1e-3) and torch.allclose(a.values, b.values, atol=1e-3)
+        adapter.model(inputs_embeds=x[None], cache=ref, use_cache=True, logits_to_keep=1)
+        assert live.count() == ref.get_seq_length() == x.shape[0]
+        for (keys, values), b in zip(live.layers, ref.layers):
+            assert torch.allclose(keys, b.keys, atol=1e-3) and torch.allclose(values, b.values, atol=1e-3)

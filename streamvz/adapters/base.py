@@ -2,8 +2,8 @@
 
 An adapter owns a loaded transformers model and answers four questions:
   * frames -> embeddings:   encode_frames(uint8 [T,H,W,3]) -> [T, k, D]  (k = tokens per frame)
-  * token ids -> embeddings: embed(ids [1,L]) -> [1, L, D]
-  * one LM step:            forward(inputs_embeds, cache, position_ids) -> logits [1, L, V]
+  * token ids -> embeddings: embed(ids [B,L]) -> [B, L, D]
+  * one LM step:            forward(inputs_embeds, cache, position_ids, attention_mask) -> logits [B, 1, V]
   * chat text pieces:        ChatFormat (system / user turn / end of turn / frame marker)
 Everything is tensors in, tensors out; the engine owns the cache, positions and policy.
 """
@@ -56,15 +56,19 @@ class Adapter:
         return self.model.get_input_embeddings()(ids.to(self.device))
 
     @torch.inference_mode()
-    def forward(self, inputs_embeds, cache, position_ids, logits_to_keep: int = 1) -> torch.Tensor:
-        """One language-model step over new embeddings, appending to `cache`; returns logits.
+    def forward(self, inputs_embeds, cache, position_ids, attention_mask=None, logits_to_keep: int = 1):
+        """One language-model step over new embeddings [B, L, W], appending to `cache`; returns
+        logits [B, logits_to_keep, V].
 
-        Every transformers family we wrap takes inputs_embeds + explicit position ids (the
-        engine owns positions, since the cache's length stops matching them after eviction).
+        Every transformers family we wrap takes inputs_embeds + explicit position ids ([B, L], or
+        [3, B, L] for M-RoPE: the engine owns positions, since a slot's length stops matching them
+        after eviction) and a prepared 4-D mask [B, 1, L, S] (rows of several sessions, padded),
+        which transformers uses as given.
         """
         out = self.model(
-            inputs_embeds=inputs_embeds.to(self.device, self.dtype), past_key_values=cache,
-            position_ids=position_ids.to(self.device), use_cache=True, logits_to_keep=logits_to_keep,
+            inputs_embeds=inputs_embeds.to(self.device, self.dtype), cache=cache,
+            position_ids=position_ids.to(self.device), attention_mask=attention_mask, use_cache=True,
+            logits_to_keep=logits_to_keep,
         )
         return out.logits
 

@@ -109,7 +109,7 @@ class TinyAdapter(Adapter):
         """Greedy answers, each question asked on its own after the same frames (prefix computed once)."""
         prefix = self.prompt_embeds(frame_embeds, times, None, system)
         cache = DynamicCache(config=self.model.config)
-        self.model(inputs_embeds=prefix[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.model(inputs_embeds=prefix[None], cache=cache, use_cache=True, logits_to_keep=1)
         n = prefix.shape[0]
         out = []
         for q in questions:
@@ -117,7 +117,7 @@ class TinyAdapter(Adapter):
             pos, ids = n, []
             for _ in range(max_new_tokens):
                 p = torch.arange(pos, pos + x.shape[1], device=self.device)[None]
-                logits = self.model(inputs_embeds=x, past_key_values=cache, position_ids=p,
+                logits = self.model(inputs_embeds=x, cache=cache, position_ids=p,
                                     use_cache=True, logits_to_keep=1).logits
                 pos += x.shape[1]
                 nxt = int(logits[0, -1].argmax())

@@ -1,0 +1,35 @@
+"""Every engine setting and limit, defined once: the engine, the protocol's limits, the serve
+config and the CLI read their defaults from here."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    tokens_per_frame: int | None = 64  # VisionZip's k per frame (None: the model's own tokens)
+    window_frames: int | None = None  # frames kept in a session's window (None: as many as the budget holds)
+    cache_budget_tokens: int | None = None  # rows per session (None: the model's max positions)
+    max_sessions: int = 16  # KV slots: memory is max_sessions x budget, stated up front
+    max_question_chars: int = 2000
+    max_new_tokens_limit: int = 512
+    default_max_new_tokens: int = 128  # an ask without max_new_tokens gets min(this, the limit)
+    turn_share: float = 0.5  # closed turns may hold at most this share of the budget
+    max_batch_frames: int = 8  # frames encoded in one vision batch (one step)
+    max_prefill_frames: int = 8  # frames of one session prefilled in one step
+    max_batch_rows: int | None = None  # sessions in one LM forward (None: all; 1 is the unbatched path)
+    decode_steps_per_frame_step: int = 8  # while answers run, frames join every n-th step
+    max_backlog_frames: int = 8  # submitted frames queued per session before the oldest is dropped
+    max_queued_questions: int = 8  # questions queued per session
+    system_share: float = 0.25  # the system prompt may take at most this share of the budget
+
+    def with_(self, **changes) -> "EngineConfig":
+        """A copy with `changes`; an unknown name is a TypeError (a typo must not pass silently)."""
+        known = {f.name for f in fields(self)}
+        bad = set(changes) - known
+        if bad:
+            raise TypeError(f"unknown engine settings: {', '.join(sorted(bad))}")
+        return replace(self, **changes)
+
+
+DEFAULTS = EngineConfig()
