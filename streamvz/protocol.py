@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamvz.config import DEFAULTS
 from streamvz.errors import StreamError
 
 VERSION = 1
