@@ -61,6 +61,12 @@ class Scheduler:
                 s.active = s.answers.popleft()
                 s.active.phase = "prefill"
         a = s.active
+        if a is not None and a.cancelled:
+            if a.phase == "prefill":  # its question never went in: nothing to take back
+                a.end("cancelled")
+                s.active = a = None
+            elif a.phase == "decode":  # the partial answer stays in the conversation
+                a.close("cancelled")
         if a is None:
             return None
         system = None if s.started else tuple(s.system_ids)
