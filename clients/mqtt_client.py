@@ -99,11 +99,13 @@ class MqttChat:
         user = [("t", repr(float(t)))] if t is not None else None
         await self._publish("frames", protocol.encode_frame(image), 0, user=user)
 
-    def ask(self, text: str, max_tokens: int = 128, **kw) -> Answer:
+    def ask(self, text: str, max_tokens: int | None = None, **kw) -> Answer:
         self._n += 1
         rid = f"{self.me}-{self._n}"
         answer = self._answers[rid] = Answer(self, rid, reorder=True)
-        body = json.dumps({"v": protocol.VERSION, "op": "ask", "id": rid, "text": text, "max_tokens": max_tokens, **kw})
+        if max_tokens is not None:  # None: the server's default
+            kw["max_tokens"] = max_tokens
+        body = json.dumps({"v": protocol.VERSION, "op": "ask", "id": rid, "text": text, **kw})
         asyncio.ensure_future(self._publish("ask", body.encode(), 1, correlation=rid))
         return answer
 
@@ -129,7 +131,7 @@ async def main(argv=None) -> int:
     p.add_argument("--fps", type=float, default=1.0)
     p.add_argument("--ask", action="append", default=[], help="ask this and exit (repeatable); else interactive")
     p.add_argument("--wait", type=float, default=2.0, help="seconds to let frames arrive before --ask questions")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=None, help="longest answer (default: the server's)")
     a = p.parse_args(argv)
     async with MqttChat(a.broker, a.port, a.session, username=a.username, password=a.password) as chat:
         try:

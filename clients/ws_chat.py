@@ -89,11 +89,13 @@ class WsChat:
     async def push(self, image, t: float | None = None):
         await self.ws.send(protocol.encode_frame(image, t))
 
-    def ask(self, text: str, max_tokens: int = 128, **kw) -> Answer:
+    def ask(self, text: str, max_tokens: int | None = None, **kw) -> Answer:
         self._n += 1
         rid = f"q{self._n}"
         answer = self._answers[rid] = Answer(self, rid)
-        asyncio.ensure_future(self.send(op="ask", id=rid, text=text, max_tokens=max_tokens, **kw))
+        if max_tokens is not None:  # None: the server's default
+            kw["max_tokens"] = max_tokens
+        asyncio.ensure_future(self.send(op="ask", id=rid, text=text, **kw))
         return answer
 
     async def status(self) -> dict:
@@ -117,7 +119,7 @@ async def main(argv=None) -> int:
     p.add_argument("--session", help="resume this session id")
     p.add_argument("--ask", action="append", default=[], help="ask this and exit (repeatable); else interactive")
     p.add_argument("--wait", type=float, default=2.0, help="seconds to let frames arrive before --ask questions")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=None, help="longest answer (default: the server's)")
     a = p.parse_args(argv)
     async with WsChat(a.url, a.token) as chat:
         try:

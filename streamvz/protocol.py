@@ -153,6 +153,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "max_tokens": (_max_tokens, False),
         "temperature": (_number(0.0, 2.0), False),
         "top_p": (_number(1e-6, 1.0), False),
+        "since": (_number(0.1, 86400.0), False),  # attend only to the frames of the last `since` s
     },
     "cancel": {"id": (_ID, True)},
     "status": {},

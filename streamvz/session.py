@@ -70,11 +70,11 @@ class Session:
         self._engine.submit_frame(self.id, image, t)
 
     def ask(self, question: str, max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-            seed: int | None = None, since: float | None = None) -> Answer:
+            seed: int | None = None, since: float | None = None, ignore_eos: bool = False) -> Answer:
         """Queue a question; it sees every frame added or submitted before it, or with `since` only
         those of the last `since` seconds. max_new_tokens defaults to the engine's
         `default_max_new_tokens` (or its limit if lower); seed fixes sampling."""
-        return self._engine.ask(self.id, question, max_new_tokens, temperature, top_p, seed, since)
+        return self._engine.ask(self.id, question, max_new_tokens, temperature, top_p, seed, since, ignore_eos)
 
     def stats(self) -> dict:
         return self._engine.stats(self.id)

@@ -341,3 +341,57 @@ async def test_burst_after_an_answer_evicts_frames_not_the_turn(tiny_llava):
     assert kinds.count("turn") == 1 and view.count() <= 150
     assert view.frames()[-1].meta["t"] == 200.0
     await engine.aclose()
+
+
+async def test_since_scopes_a_question_to_recent_frames(tiny_llava):
+    """`ask(since=s)`: the question and its answer attend to the system prompt and the frames of
+    the last s seconds only (older frames stay in the cache, masked): exactly a one-shot greedy
+    run whose mask hides those frames' columns from the question's rows on."""
+    engine = Engine(tiny_llava, tokens_per_frame=16)
+    ad = engine.adapter
+    s = engine.session(system_prompt=SYSTEM)
+    imgs = frames(5, seed=6)
+    await feed(s, imgs)  # t = 0..4
+    scoped = s.ask(Q1, max_new_tokens=6, since=1.5)  # newest frame t=4: frames 3 and 4 only
+    await scoped.result()
+    view = await s.cache_view()
+    assert [b.meta["t"] for b in view.frames()] == [0.0, 1.0, 2.0, 3.0, 4.0]  # nothing evicted
+
+    visual = [ad.encode_frames(f[None])[0] for f in imgs]
+    sys_ids = engine.prompt.system(SYSTEM)
+    pieces, hidden, row = [ad.embed(torch.tensor([sys_ids]))[0]], [], len(sys_ids)
+    for t, v in enumerate(visual):
+        before, after = engine.prompt.frame(float(t))
+        block = [ad.embed(torch.tensor([before]))[0], v, ad.embed(torch.tensor([after]))[0]]
+        n = sum(len(b) for b in block)
+        if t < 3:
+            hidden.append((row, row + n))
+        pieces += block
+        row += n
+    question_start = row
+    embeds = torch.cat(pieces + [ad.embed(torch.tensor([engine.prompt.question(Q1)]))[0]])
+    out = []
+    with torch.inference_mode():
+        for _ in range(scoped.max_new_tokens):
+            n = len(embeds)
+            allowed = torch.ones(n, n).tril().bool()
+            for lo, hi in hidden:
+                allowed[question_start:, lo:hi] = False
+            mask = torch.zeros(n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+            logits = ad.model(inputs_embeds=embeds[None], attention_mask=mask,
+                              position_ids=torch.arange(n)[None]).logits[0, -1]
+            tok = int(logits.argmax())
+            if tok in ad.eos_token_ids:
+                break
+            out.append(tok)
+            embeds = torch.cat([embeds, ad.embed(torch.tensor([[tok]]))[0]])
+    assert scoped.token_ids == out
+    other = engine.session(system_prompt=SYSTEM)
+    await feed(other, imgs)
+    whole = other.ask(Q1, max_new_tokens=6)  # the same question over the whole window answers otherwise
+    await whole.result()
+    assert whole.token_ids != scoped.token_ids
+    with pytest.raises(StreamError) as e:
+        s.ask(Q1, since=-1)
+    assert e.value.code == "bad_argument"
+    await engine.aclose()

@@ -359,3 +359,20 @@ async def test_many_clients_stream_at_once(server):
     finally:
         for c in chats:
             await c.__aexit__(None, None, None)
+
+
+async def test_ask_without_max_tokens_gets_the_engine_default_even_below_128(tiny_llava):
+    """One config: with the engine's limit at 40, an ask without `max_tokens` is answered with the
+    engine's default (capped at the limit), over the wire as through `session.ask` (it used to be
+    refused with max_new_tokens_too_large: the service sent a hard-coded 128)."""
+    srv = ServerThread(tiny_llava, limits=Limits(max_new_tokens=40)).start()
+    try:
+        async with websockets.connect(srv.url) as ws:
+            assert (await raw_request(ws, '{"op":"open"}'))["op"] == "opened"
+            await ws.send('{"op":"ask","id":"q1","text":"What is here?"}')
+            while (msg := json.loads(await asyncio.wait_for(ws.recv(), 60)))["op"] not in ("done", "error"):
+                pass
+            assert msg["op"] == "done", msg
+            assert 1 <= msg["usage"]["completion_tokens"] <= 40
+    finally:
+        srv.stop()

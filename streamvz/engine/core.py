@@ -222,9 +222,10 @@ class Engine:
         self._kick()
 
     def ask(self, session_id: str, question: str, max_new_tokens: int | None = None, temperature: float = 0.0,
-            top_p: float = 1.0, seed: int | None = None, since: float | None = None) -> Answer:
+            top_p: float = 1.0, seed: int | None = None, since: float | None = None, ignore_eos: bool = False) -> Answer:
         """Queue a question; it sees every frame added or submitted before it (with `since`, only
-        the frames of the last `since` seconds of stream time before it)."""
+        the frames of the last `since` seconds of stream time before it). `ignore_eos` keeps
+        generating to max_new_tokens (benchmarks, as vLLM's sampling parameter of that name)."""
         s = self._open_state(session_id)
         cfg = self.config
         if max_new_tokens is None:
@@ -255,7 +256,8 @@ class Engine:
             since_t = (last if last is not None else 0.0) - float(since)
         self._answer_ids += 1
         a = AnswerState(self._answer_ids, s.id, question, ids, max_new_tokens, float(temperature), float(top_p),
-                        seed, s.next_seq(), Detokenizer(self.adapter.tokenizer), self._eos, since_t)
+                        seed, s.next_seq(), Detokenizer(self.adapter.tokenizer), set() if ignore_eos else self._eos,
+                        since_t)
         s.answers.append(a)
         self._kick()
         return Answer(a, self)

@@ -225,7 +225,8 @@ class Service:
             # The engine queues asks of one session in order (turns of one conversation).
             # no max_tokens: the engine's default (never above its limit; protocol.Limits reads the same config)
             answer = entry.session.ask(msg["text"], max_new_tokens=msg.get("max_tokens"),
-                                       temperature=msg.get("temperature", 0.0), top_p=msg.get("top_p", 1.0))
+                                       temperature=msg.get("temperature", 0.0), top_p=msg.get("top_p", 1.0),
+                                       since=msg.get("since"))
             entry.answers[rid] = answer
             async for delta in answer:
                 if not delta:
