@@ -202,10 +202,12 @@ def checkpoint(family: str) -> str:
     import shutil
     import tempfile
 
+    from tiny_current import BUILDERS as CURRENT  # Qwen3-VL, SmolVLM2, InternVL3
+
     if family not in _BUILT:
         path = tempfile.mkdtemp(prefix=f"tiny_{family}_")
         atexit.register(shutil.rmtree, path, True)
-        _BUILT[family] = BUILDERS[family](Path(path))
+        _BUILT[family] = {**BUILDERS, **CURRENT}[family](Path(path))
     return str(_BUILT[family])
 
 

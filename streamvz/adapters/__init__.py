@@ -14,12 +14,16 @@ FAMILIES = {
     "llava_next_video": "streamvz.adapters.llava_next_video:LlavaNextVideoAdapter",
     "llava_onevision": "streamvz.adapters.onevision:OnevisionAdapter",
     "qwen2_5_vl": "streamvz.adapters.qwen2_5_vl:Qwen2_5_VLAdapter",
+    "qwen3_vl": "streamvz.adapters.qwen3_vl:Qwen3VLAdapter",
+    "qwen3_vl_moe": "streamvz.adapters.qwen3_vl:Qwen3VLMoeAdapter",
 }
 NAMES = {  # model_type -> the family's name, for messages and docs
     "llava": "LLaVA-1.5",
     "llava_next_video": "LLaVA-NeXT-Video",
     "llava_onevision": "LLaVA-OneVision",
     "qwen2_5_vl": "Qwen2.5-VL",
+    "qwen3_vl": "Qwen3-VL",
+    "qwen3_vl_moe": "Qwen3-VL-MoE",
 }
 EMBEDDED = {"streamvz-tiny": "streamvz.tiny:load_tiny"}
 
