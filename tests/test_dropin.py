@@ -12,12 +12,13 @@ from streamvz.engine import Engine
 from test_families import Q1, SYSTEM, conversation_ids, cpu_adapter, feed, frames
 from tiny_families import checkpoint, load_processor
 
-FAMILIES = ["llava_next_video", "llava_onevision", "qwen2_5_vl"]
+FAMILIES = ["llava_next_video", "llava_onevision", "qwen2_5_vl", "qwen3_vl"]
+QWEN = ("qwen2_5_vl", "qwen3_vl")
 BUDGET = 12  # streamvz.compress.split(12) == (10, 2)
 
 
 def pixel_inputs(ad, family, imgs):
-    if family == "qwen2_5_vl":
+    if family in QWEN:
         pv, grid = ad.pixel_values(imgs)
         return dict(pixel_values=pv, image_grid_thw=grid)
     return dict(pixel_values_videos=ad.pixel_values(imgs)[:, None])  # each frame a one-frame video
@@ -41,12 +42,15 @@ async def test_dropin_generate_equals_streamed_session(family):
     processor = load_processor(path)
     visionzip(model, processor, dominant=ad.vz.dominant, contextual=ad.vz.contextual)
     cfg = model.config
-    placeholder = cfg.image_token_id if family == "qwen2_5_vl" else cfg.video_token_id
+    placeholder = cfg.image_token_id if family in QWEN else cfg.video_token_id
     ids = torch.tensor([conversation_ids(engine, len(imgs), [placeholder] * ad.tokens_per_frame, [(Q1, None)])])
     extra = pixel_inputs(ad, family, imgs)
-    if family == "qwen2_5_vl":
+    if family in QWEN:
         extra["mm_token_type_ids"] = (ids == placeholder).int()
-        feats = model.model.get_image_features(**extra).pooler_output
+        out = model.model.get_image_features(**extra)
+        feats = out.pooler_output
+        if family == "qwen3_vl":  # the adapter's rows are [main | DeepStack levels]
+            feats = [torch.cat(per_image, dim=-1) for per_image in zip(feats, *out.deepstack_features)]
     else:
         feats = model.model.get_video_features(extra["pixel_values_videos"]).pooler_output
     torch.testing.assert_close(torch.cat(list(feats)).reshape(2, ad.tokens_per_frame, -1), ad.encode_frames(imgs))
@@ -90,10 +94,11 @@ def test_llava_processor_and_generate(tiny_llava):
     assert model.generate(**again, max_new_tokens=5, do_sample=False).tolist() == base.tolist()
 
 
-def test_qwen_processor_and_generate():
-    """Qwen2.5-VL: generate(**processor(images, text)) runs on compressed images with positions
-    from the kept tokens; removal restores the model's own output."""
-    path = checkpoint("qwen2_5_vl")
+@pytest.mark.parametrize("family", QWEN)
+def test_qwen_processor_and_generate(family):
+    """Qwen2.5-VL / Qwen3-VL: generate(**processor(images, text)) runs on compressed images with
+    positions from the kept tokens; removal restores the model's own output."""
+    path = checkpoint(family)
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     processor = load_processor(path)
     imgs = frames(2, seed=9, h=112, w=168)

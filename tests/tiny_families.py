@@ -164,7 +164,7 @@ def load_processor(path: str | os.PathLike):
     processor; everything the drop-in touches (`replace_image_token`, `__call__`) is the real class's.
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-    from transformers import LlavaNextVideoProcessor, LlavaOnevisionProcessor, Qwen2_5_VLProcessor
+    from transformers import LlavaNextVideoProcessor, LlavaOnevisionProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor
 
     cfg = AutoConfig.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
@@ -176,6 +176,7 @@ def load_processor(path: str | os.PathLike):
         "llava_onevision": (LlavaOnevisionProcessor, dict(num_image_tokens=64, vision_feature_select_strategy="full",
                                                           vision_aspect_ratio=getattr(cfg, "vision_aspect_ratio", None))),
         "qwen2_5_vl": (Qwen2_5_VLProcessor, {}),
+        "qwen3_vl": (Qwen3VLProcessor, {}),
     }[cfg.model_type]
 
     class ImageOnly(cls):
