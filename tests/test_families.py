@@ -1,6 +1,7 @@
-"""The three video families beyond LLaVA-1.5, on tiny random checkpoints of the real classes:
-the model's own greedy `generate` reproduced token for token with compression off, exact
-budgets with VisionZip on, Qwen's M-RoPE positions, and multi-turn streaming sessions."""
+"""The video families beyond LLaVA-1.5 (LLaVA-NeXT-Video, OneVision, Qwen2.5-VL, Qwen3-VL, SmolVLM2,
+InternVL3), on tiny random checkpoints of the real classes: the model's own greedy `generate`
+reproduced token for token with compression off, exact budgets with VisionZip on, Qwen's M-RoPE
+positions, and multi-turn streaming sessions that evict and re-rotate."""
 import numpy as np
 import pytest
 import torch
@@ -9,7 +10,7 @@ from streamvz.adapters import load_adapter
 from streamvz.engine import Engine
 from tiny_families import checkpoint
 
-FAMILIES = ["llava_next_video", "llava_onevision", "qwen2_5_vl", "qwen3_vl"]
+FAMILIES = ["llava_next_video", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "smolvlm", "internvl"]
 QWEN = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # frames as images with (t, h, w) M-RoPE ids
 SYSTEM = "You are a helpful assistant."
 Q1, Q2 = "What is in the video?", "Did anyone enter through the back door?"
@@ -33,12 +34,16 @@ async def feed(session, imgs, t0=0.0):
 
 def model_inputs(ad, family, imgs):
     """What the model's own forward takes for these frames, each frame as a one-frame video
-    (LLaVA families) or an image (Qwen), plus the placeholder ids one frame expands to."""
+    (LLaVA families) or an image (Qwen, SmolVLM, InternVL), plus the placeholder ids one frame expands to."""
     cfg = ad.model.config
     if family in QWEN:
         pv, grid = ad.pixel_values(imgs)
         n = int(grid[0].prod()) // cfg.vision_config.spatial_merge_size ** 2
         return dict(pixel_values=pv, image_grid_thw=grid), [cfg.image_token_id] * n
+    if family == "smolvlm":  # one sample holding one unsplit image per frame
+        return dict(pixel_values=ad.pixel_values(imgs)[None]), [cfg.image_token_id] * ad.tokens_per_frame
+    if family == "internvl":  # one tile per frame
+        return dict(pixel_values=ad.pixel_values(imgs)), [cfg.image_token_id] * ad.tokens_per_frame
     return dict(pixel_values_videos=ad.pixel_values(imgs)[:, None]), [cfg.video_token_id] * ad.tokens_per_frame
 
 
@@ -85,6 +90,8 @@ async def test_uncompressed_stream_equals_generate(family):
     ("llava_onevision", 12, 13),  # + the model's image_newline row
     ("qwen2_5_vl", 12, 12),  # of 16 merged tokens
     ("qwen3_vl", 12, 12),  # of 16 merged tokens, each with its DeepStack channels
+    ("smolvlm", 12, 12),  # of 16 pixel-shuffle groups (3x3 patches each)
+    ("internvl", 12, 12),  # of 16 pixel-shuffle groups (2x2 patches each; CLS scores them)
 ])
 def test_visionzip_budget_per_frame(family, budget, rows):
     ad = cpu_adapter(checkpoint(family), budget)

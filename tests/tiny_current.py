@@ -14,6 +14,18 @@ from pathlib import Path
 import torch
 
 from tiny_families import QWEN_SPECIALS, _save, _tokenizer, chatml_template
+from tiny_models import make_tokenizer
+
+INTERNVL_SPECIALS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"}
+SMOLVLM_SPECIALS = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
+# SmolVLM2's chat template (as transformers' SmolVLMProcessor ships it)
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'] is string %}"
+    "{{': ' + message['content']}}{% else %}{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}"
+    "{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
 
 
 def make_tiny_qwen3_vl(path: str | os.PathLike, moe: bool = False) -> Path:
@@ -49,7 +61,60 @@ def make_tiny_qwen3_vl(path: str | os.PathLike, moe: bool = False) -> Path:
     return _save(model, tok, image_processor, Path(path))
 
 
+def make_tiny_smolvlm(path: str | os.PathLike) -> Path:
+    """SmolVLMForConditionalGeneration: SigLIP-style tower (no CLS) on 168 px = 12x12 patches,
+    pixel shuffle s = 3 (SmolVLM2-2.2B's factor) -> 16 tokens per frame, Llama LM."""
+    from transformers import PreTrainedTokenizerFast, SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    torch.manual_seed(0)
+    base = make_tokenizer(SMOLVLM_SPECIALS)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=base._tokenizer, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+        unk_token="<unk>", pad_token="<pad>", chat_template=SMOLVLM_TEMPLATE,
+        extra_special_tokens={"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+                              "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"})
+    config = SmolVLMConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           image_size=168, patch_size=14),
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id),
+        scale_factor=3, image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id,
+    )
+    model = SmolVLMForConditionalGeneration(config).eval()
+    image_processor = SmolVLMImageProcessorPil(do_image_splitting=False, size={"longest_edge": 168},
+                                               max_image_size={"longest_edge": 168},
+                                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return _save(model, tok, image_processor, Path(path))
+
+
+def make_tiny_internvl(path: str | os.PathLike) -> Path:
+    """InternVLForConditionalGeneration: InternViT-style tower with CLS on 112 px = 8x8 patches,
+    pixel shuffle 0.5 -> 16 tokens per frame, Qwen2 LM, <img><IMG_CONTEXT>...</img> prompts."""
+    from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(0)
+    tok = _tokenizer(chatml_template("<image>\n", "<video>\n"), chatml=True, extra=INTERNVL_SPECIALS)
+    config = InternVLConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           image_size=[112, 112], patch_size=[14, 14]),
+        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=16, downsample_ratio=0.5,
+        vision_feature_layer=-1, vision_feature_select_strategy="default",
+    )
+    model = InternVLForConditionalGeneration(config).eval()
+    image_processor = GotOcr2ImageProcessorPil(size={"height": 112, "width": 112}, crop_to_patches=False,
+                                               image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    return _save(model, tok, image_processor, Path(path))
+
+
 BUILDERS = {
     "qwen3_vl": make_tiny_qwen3_vl,
     "qwen3_vl_moe": lambda path: make_tiny_qwen3_vl(path, moe=True),
+    "smolvlm": make_tiny_smolvlm,
+    "internvl": make_tiny_internvl,
 }

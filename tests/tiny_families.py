@@ -43,16 +43,18 @@ def chatml_template(image: str, video: str) -> str:
     )
 
 
-def _tokenizer(chat_template: str, chatml: bool, image: str = IMAGE, video: str = VIDEO):
-    """The shared tiny BPE (tests/tiny_models.py) with this family's specials and template."""
+def _tokenizer(chat_template: str, chatml: bool, image: str = IMAGE, video: str = VIDEO, extra: dict | None = None):
+    """The shared tiny BPE (tests/tiny_models.py) with this family's specials and template.
+    `extra`: more named special tokens (attribute -> token), e.g. InternVL's <img>."""
     from transformers import PreTrainedTokenizerFast
 
-    base = make_tokenizer(QWEN_SPECIALS if chatml else [])
+    extra = extra or {}
+    base = make_tokenizer((QWEN_SPECIALS if chatml else []) + list(extra.values()))
     kw = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     if chatml:  # Qwen-style LMs: no BOS, turns end with <|im_end|>
         kw = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
     return PreTrainedTokenizerFast(tokenizer_object=base._tokenizer, unk_token="<unk>", chat_template=chat_template,
-                                   extra_special_tokens={"image_token": image, "video_token": video}, **kw)
+                                   extra_special_tokens={"image_token": image, "video_token": video, **extra}, **kw)
 
 
 def _vision(cls, **kw):

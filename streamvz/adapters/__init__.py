@@ -16,6 +16,8 @@ FAMILIES = {
     "qwen2_5_vl": "streamvz.adapters.qwen2_5_vl:Qwen2_5_VLAdapter",
     "qwen3_vl": "streamvz.adapters.qwen3_vl:Qwen3VLAdapter",
     "qwen3_vl_moe": "streamvz.adapters.qwen3_vl:Qwen3VLMoeAdapter",
+    "smolvlm": "streamvz.adapters.smolvlm:SmolVLMAdapter",
+    "internvl": "streamvz.adapters.internvl:InternVLAdapter",
 }
 NAMES = {  # model_type -> the family's name, for messages and docs
     "llava": "LLaVA-1.5",
@@ -24,6 +26,8 @@ NAMES = {  # model_type -> the family's name, for messages and docs
     "qwen2_5_vl": "Qwen2.5-VL",
     "qwen3_vl": "Qwen3-VL",
     "qwen3_vl_moe": "Qwen3-VL-MoE",
+    "smolvlm": "SmolVLM2",
+    "internvl": "InternVL3",
 }
 EMBEDDED = {"streamvz-tiny": "streamvz.tiny:load_tiny"}
 

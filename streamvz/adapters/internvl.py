@@ -1,0 +1,73 @@
+"""InternVL3 / 3.5 (InternVLForConditionalGeneration: InternViT with a CLS token, pixel shuffle
+0.5, MLP projector, Qwen2/Qwen3 LM).
+
+A video frame is what InternVL's video processor makes of it: one tile, the frame resized to the
+tower's square (448 px: 32x32 patches -> 16x16 = 256 tokens). VisionZip: the CLS query's attention
+to every patch in the feature layer (the published CLS scoring), summed per 2x2 shuffle group; the
+model's own projected tokens of the top groups are kept and the rest merged
+(streamvz.adapters.shuffle). CLS itself is not a token the LM sees here, so it is not kept.
+Frames are written as InternVL's video prompt writes them, with the time instead of the index:
+`Frame at 1.5s: <img>` + tokens + `</img>\\n`.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from transformers import InternVLForConditionalGeneration
+
+from ..compress import QKCapture, cls_scores, scoring_layer_index
+from .llava_next_video import FrameAdapter
+from .onevision import CHATML
+from .shuffle import group_members, zip_groups
+
+
+def _side(value) -> int:
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+class InternVLAdapter(FrameAdapter):
+    model_class = InternVLForConditionalGeneration
+    chat = replace(CHATML, frame_prefix="Frame at {:.1f}s: <img>", frame_suffix="</img>\n")
+    default_system = "You are a helpful assistant."
+
+    def __init__(self, model: str, tokens_per_frame: int | None = 64, device=None, dtype=None, **kw):
+        super().__init__(model, tokens_per_frame, device, dtype, **kw)
+        cfg = self.model.config
+        if cfg.vision_feature_select_strategy != "default":
+            raise ValueError("InternVL checkpoints drop CLS before the pixel shuffle (select strategy 'default'); "
+                             f"this one uses {cfg.vision_feature_select_strategy!r}")
+        vc = cfg.vision_config
+        self.size = _side(vc.image_size)
+        side = self.size // _side(vc.patch_size)
+        inner = self.model.model
+        self.members = group_members(lambda x: inner.pixel_shuffle(x, scale_factor=cfg.downsample_ratio), side)
+        self.full_tokens = len(self.members)  # 256 at 448 px
+        if self.vz is not None:
+            self.vz.check(self.full_tokens, has_cls=False)
+        layers = inner.vision_tower.encoder.layer
+        self.scoring = layers[scoring_layer_index(len(layers), self._feature_layer())].attention
+        self.tokens_per_frame = self.budget or self.full_tokens
+        self.last_indices = None
+
+    def pixel_values(self, frames) -> torch.Tensor:
+        """As InternVL's video processor: the frame resized to the tower's square, normalised."""
+        return self._normalise(self._resize(self._tower_input(frames), self.size, self.size))
+
+    @torch.inference_mode()
+    def encode_frames(self, frames) -> torch.Tensor:
+        pv = self.pixel_values(frames)
+        inner, cfg = self.model.model, self.model.config
+        kw = dict(vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy="default")
+        if self.vz is None:  # the model's own path, one tile per frame
+            return inner.get_image_features(pv, **kw).pooler_output
+        attn = self.scoring
+        # the model's own tokens; hooks on the scoring layer's (normalised) queries and keys
+        with QKCapture(attn, q="q_norm", k="k_norm") as cap:
+            tokens = inner.get_image_features(pv, **kw).pooler_output  # [T, G, D]
+        B = len(pv)
+        q = cap.q.view(B, -1, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, H, 1 + N, d]
+        k = cap.k.view(B, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        scores = cls_scores(q[:, :, 0], k, attn.scale)[:, 1:]  # CLS -> each patch
+        tokens, self.last_indices = zip_groups(tokens, scores, k[:, :, 1:].mean(1), self.members, self.vz)
+        return tokens
