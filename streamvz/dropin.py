@@ -25,6 +25,9 @@ Supported (what is compressed):
                                            through unchanged
   Qwen3VLForConditionalGeneration (+ MoE)  images, with their DeepStack features selected and merged
                                            alike; videos pass through unchanged
+  SmolVLMForConditionalGeneration          images, each split crop and the global view, and videos
+                                           (SmolVLM2 encodes video frames as images)
+  InternVLForConditionalGeneration         images (each tile) and videos (each frame)
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .compress import VisionZip, tower_info
 from .dropin_qwen import qwen
+from .dropin_shuffle import internvl, smolvlm
 
 _ATTR = "_streamvz_visionzip"
 SUPPORTED = (
@@ -42,6 +46,8 @@ SUPPORTED = (
     "Qwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration",
     "Qwen3VLMoeForConditionalGeneration",
+    "SmolVLMForConditionalGeneration",
+    "InternVLForConditionalGeneration",
 )
 
 
@@ -66,6 +72,7 @@ class _Patch:
 
     def __init__(self):
         self.set: list[tuple[object, str]] = []
+        self.swapped: list[tuple[object, str, object]] = []
 
     def put(self, obj, name: str, fn) -> None:
         if obj is None:
@@ -75,11 +82,21 @@ class _Patch:
         setattr(obj, name, fn)
         self.set.append((obj, name))
 
+    def swap(self, obj, name: str, value) -> None:
+        """Change an existing instance value (e.g. a processor's tokens per image); undo restores it."""
+        if obj is None:
+            return
+        self.swapped.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
     def undo(self) -> None:
         for obj, name in reversed(self.set):
             if name in vars(obj):
                 delattr(obj, name)
+        for obj, name, value in reversed(self.swapped):
+            setattr(obj, name, value)
         self.set.clear()
+        self.swapped.clear()
 
 
 # -- LLaVA family ----------------------------------------------------------------------------
@@ -192,6 +209,10 @@ def visionzip(model, processor=None, dominant: int = 54, contextual: int = 10, m
         elif family == "LlavaOnevisionForConditionalGeneration":
             _video_llava(inner, processor, vz, patch, newline=True)
             _anyres_images(inner, processor, vz, patch, multi_image_rule=True)
+        elif family == "SmolVLMForConditionalGeneration":
+            smolvlm(inner, processor, vz, patch)
+        elif family == "InternVLForConditionalGeneration":
+            internvl(inner, processor, vz, patch)
         else:  # the Qwen families
             qwen(inner, processor, vz, patch, deepstack=family != "Qwen2_5_VLForConditionalGeneration")
     except Exception:

@@ -96,7 +96,7 @@ def make_tiny_internvl(path: str | os.PathLike) -> Path:
     from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
 
     torch.manual_seed(0)
-    tok = _tokenizer(chatml_template("<image>\n", "<video>\n"), chatml=True, extra=INTERNVL_SPECIALS)
+    tok = _tokenizer(chatml_template("<IMG_CONTEXT>\n", "<video>\n"), chatml=True, extra=INTERNVL_SPECIALS)
     config = InternVLConfig(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                            image_size=[112, 112], patch_size=[14, 14]),

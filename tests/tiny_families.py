@@ -166,7 +166,8 @@ def load_processor(path: str | os.PathLike):
     processor; everything the drop-in touches (`replace_image_token`, `__call__`) is the real class's.
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-    from transformers import LlavaNextVideoProcessor, LlavaOnevisionProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor
+    from transformers import (InternVLProcessor, LlavaNextVideoProcessor, LlavaOnevisionProcessor, Qwen2_5_VLProcessor,
+                              Qwen3VLProcessor, SmolVLMProcessor)
 
     cfg = AutoConfig.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
@@ -179,6 +180,8 @@ def load_processor(path: str | os.PathLike):
                                                           vision_aspect_ratio=getattr(cfg, "vision_aspect_ratio", None))),
         "qwen2_5_vl": (Qwen2_5_VLProcessor, {}),
         "qwen3_vl": (Qwen3VLProcessor, {}),
+        "smolvlm": (SmolVLMProcessor, dict(image_seq_len=16)),
+        "internvl": (InternVLProcessor, dict(image_seq_length=16)),
     }[cfg.model_type]
 
     class ImageOnly(cls):

@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 from transformers import InternVLForConditionalGeneration
 
-from ..compress import QKCapture, cls_scores, scoring_layer_index
+from ..compress import QKCapture, VisionZip, cls_scores, scoring_layer_index
 from .llava_next_video import FrameAdapter
 from .onevision import CHATML
 from .shuffle import group_members, zip_groups
@@ -24,6 +24,32 @@ from .shuffle import group_members, zip_groups
 
 def _side(value) -> int:
     return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+def shuffle_groups(inner) -> torch.Tensor:
+    """[G, 4] patches of each LM token, from the model's own pixel shuffle."""
+    vc = inner.config.vision_config
+    side = _side(vc.image_size) // _side(vc.patch_size)
+    return group_members(lambda x: inner.pixel_shuffle(x, scale_factor=inner.config.downsample_ratio), side)
+
+
+@torch.inference_mode()
+def internvl_visionzip(inner, pixel_values: torch.Tensor, members: torch.Tensor, vz: VisionZip,
+                       feature_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiles [n, 3, S, S] -> (kept + merged projected tokens [n, budget, D], kept groups [n, dominant])."""
+    layer = inner.config.vision_feature_layer if feature_layer is None else feature_layer
+    layers = inner.vision_tower.encoder.layer
+    attn = layers[scoring_layer_index(len(layers), layer)].attention
+    # the model's own tokens (the class's method: the drop-in shadows the instance's with this
+    # function); hooks on the scoring layer's (normalised) queries and keys
+    with QKCapture(attn, q="q_norm", k="k_norm") as cap:
+        tokens = type(inner).get_image_features(inner, pixel_values, vision_feature_layer=layer,
+                                                vision_feature_select_strategy="default").pooler_output  # [n, G, D]
+    B = len(pixel_values)
+    q = cap.q.view(B, -1, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, H, 1 + N, d]
+    k = cap.k.view(B, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    scores = cls_scores(q[:, :, 0], k, attn.scale)[:, 1:]  # CLS -> each patch
+    return zip_groups(tokens, scores, k[:, :, 1:].mean(1), members, vz)
 
 
 class InternVLAdapter(FrameAdapter):
@@ -37,16 +63,12 @@ class InternVLAdapter(FrameAdapter):
         if cfg.vision_feature_select_strategy != "default":
             raise ValueError("InternVL checkpoints drop CLS before the pixel shuffle (select strategy 'default'); "
                              f"this one uses {cfg.vision_feature_select_strategy!r}")
-        vc = cfg.vision_config
-        self.size = _side(vc.image_size)
-        side = self.size // _side(vc.patch_size)
-        inner = self.model.model
-        self.members = group_members(lambda x: inner.pixel_shuffle(x, scale_factor=cfg.downsample_ratio), side)
+        self.size = _side(cfg.vision_config.image_size)
+        self.members = shuffle_groups(self.model.model)
         self.full_tokens = len(self.members)  # 256 at 448 px
         if self.vz is not None:
             self.vz.check(self.full_tokens, has_cls=False)
-        layers = inner.vision_tower.encoder.layer
-        self.scoring = layers[scoring_layer_index(len(layers), self._feature_layer())].attention
+        self._feature_layer()  # one feature layer, or a clear error now
         self.tokens_per_frame = self.budget or self.full_tokens
         self.last_indices = None
 
@@ -57,17 +79,9 @@ class InternVLAdapter(FrameAdapter):
     @torch.inference_mode()
     def encode_frames(self, frames) -> torch.Tensor:
         pv = self.pixel_values(frames)
-        inner, cfg = self.model.model, self.model.config
-        kw = dict(vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy="default")
         if self.vz is None:  # the model's own path, one tile per frame
-            return inner.get_image_features(pv, **kw).pooler_output
-        attn = self.scoring
-        # the model's own tokens; hooks on the scoring layer's (normalised) queries and keys
-        with QKCapture(attn, q="q_norm", k="k_norm") as cap:
-            tokens = inner.get_image_features(pv, **kw).pooler_output  # [T, G, D]
-        B = len(pv)
-        q = cap.q.view(B, -1, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, H, 1 + N, d]
-        k = cap.k.view(B, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
-        scores = cls_scores(q[:, :, 0], k, attn.scale)[:, 1:]  # CLS -> each patch
-        tokens, self.last_indices = zip_groups(tokens, scores, k[:, :, 1:].mean(1), self.members, self.vz)
+            return self.model.model.get_image_features(
+                pv, vision_feature_layer=self.model.config.vision_feature_layer,
+                vision_feature_select_strategy="default").pooler_output
+        tokens, self.last_indices = internvl_visionzip(self.model.model, pv, self.members, self.vz)
         return tokens

@@ -13,10 +13,31 @@ from __future__ import annotations
 import torch
 from transformers import SmolVLMForConditionalGeneration
 
-from ..compress import QKCapture, received_scores
+from ..compress import QKCapture, VisionZip, received_scores
 from .base import ChatFormat
 from .llava_next_video import FrameAdapter
 from .shuffle import group_members, zip_groups
+
+
+def shuffle_groups(inner) -> torch.Tensor:
+    """[G, s*s] patches of each LM token, from the model's own connector shuffle."""
+    vc = inner.config.vision_config
+    side, s = vc.image_size // vc.patch_size, inner.config.scale_factor
+    return group_members(lambda x: inner.connector.pixel_shuffle(x.view(1, side * side, 1), s), side)
+
+
+@torch.inference_mode()
+def smolvlm_visionzip(inner, pixel_values: torch.Tensor, members: torch.Tensor, vz: VisionZip,
+                      patch_attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [n, 3, S, S] -> (kept + merged connector tokens [n, budget, D], kept groups [n, dominant])."""
+    attn = inner.vision_model.encoder.layers[-1].self_attn
+    with QKCapture(attn) as cap:
+        hidden = inner.vision_model(pixel_values=pixel_values.to(inner.dtype),
+                                    patch_attention_mask=patch_attention_mask).last_hidden_state
+    B, N, _ = hidden.shape
+    q = cap.q.view(B, N, -1, attn.head_dim).transpose(1, 2)  # [B, H, N, d]
+    k = cap.k.view(B, N, -1, attn.head_dim).transpose(1, 2)
+    return zip_groups(inner.connector(hidden), received_scores(q, k, attn.scale), k.mean(1), members, vz)
 
 
 class MinutesSeconds(str):
@@ -42,11 +63,8 @@ class SmolVLMAdapter(FrameAdapter):
 
     def __init__(self, model: str, tokens_per_frame: int | None = 64, device=None, dtype=None, **kw):
         super().__init__(model, tokens_per_frame, device, dtype, **kw)
-        vc = self.model.config.vision_config
-        self.size = vc.image_size
-        side = vc.image_size // vc.patch_size
-        connector, s = self.model.model.connector, self.model.config.scale_factor
-        self.members = group_members(lambda x: connector.pixel_shuffle(x.view(1, side * side, 1), s), side)
+        self.size = self.model.config.vision_config.image_size
+        self.members = shuffle_groups(self.model.model)
         self.full_tokens = len(self.members)  # (side / s)^2 tokens per frame
         if self.vz is not None:
             self.vz.check(self.full_tokens, has_cls=False)
@@ -60,15 +78,7 @@ class SmolVLMAdapter(FrameAdapter):
     @torch.inference_mode()
     def encode_frames(self, frames) -> torch.Tensor:
         pv = self.pixel_values(frames)
-        inner = self.model.model
         if self.vz is None:  # the model's own path: each frame one unsplit image
-            return torch.stack(inner.get_image_features(pv[:, None]).pooler_output)
-        attn = inner.vision_model.encoder.layers[-1].self_attn
-        with QKCapture(attn) as cap:
-            hidden = inner.vision_model(pixel_values=pv).last_hidden_state
-        B, N, _ = hidden.shape
-        q = cap.q.view(B, N, -1, attn.head_dim).transpose(1, 2)  # [B, H, N, d]
-        k = cap.k.view(B, N, -1, attn.head_dim).transpose(1, 2)
-        tokens, self.last_indices = zip_groups(inner.connector(hidden), received_scores(q, k, attn.scale),
-                                               k.mean(1), self.members, self.vz)
+            return torch.stack(self.model.model.get_image_features(pv[:, None]).pooler_output)
+        tokens, self.last_indices = smolvlm_visionzip(self.model.model, pv, self.members, self.vz)
         return tokens
