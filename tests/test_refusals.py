@@ -54,3 +54,10 @@ def test_any_other_class_lists_the_supported_families(tmp_path):
     assert "cannot be streamed" not in e.value.message  # no invented reason
     for model_type, name in NAMES.items():
         assert f"{name} ({model_type})" in e.value.message
+
+
+def test_remote_code_internvl_points_to_the_transformers_format(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl_chat", "llm_config": {}}))
+    with pytest.raises(StreamError) as e:
+        load_adapter(str(tmp_path))
+    assert e.value.code == "unsupported_model" and "remote-code" in e.value.message and "-hf" in e.value.message

@@ -18,7 +18,7 @@ from collections import Counter
 KNOWN_NAMES = {
     "gemma3": "Gemma 3", "gemma3_text": "Gemma 3", "gemma3n": "Gemma 3n", "paligemma": "PaliGemma",
     "qwen3_5": "Qwen3.5", "qwen3_5_moe": "Qwen3.5-MoE", "qwen3_5_text": "Qwen3.5",
-    "qwen3_next": "Qwen3-Next", "llama4": "Llama 4", "mistral3": "Mistral 3",
+    "qwen3_next": "Qwen3-Next", "llama4": "Llama 4", "mistral3": "Mistral 3", "internvl_chat": "InternVL",
 }
 
 _LAYER_WORDS = {
@@ -36,6 +36,13 @@ _WHY = {
                         "so a frame cannot be evicted from it",
     "chunked_attention": "a chunked-attention layer attends only within fixed chunks of positions, which "
                          "eviction and re-rotation would reshuffle",
+}
+
+
+# model types whose checkpoints have a supported transformers-format twin
+HINTS = {
+    "internvl_chat": "this is InternVL's remote-code format; its transformers conversions "
+                     "(e.g. OpenGVLab/InternVL3-8B-hf, model type 'internvl') are supported",
 }
 
 
@@ -60,7 +67,8 @@ def refusal(config: dict, supported: dict[str, str]) -> str:
     listing = ", ".join(f"{n} ({t})" for t, n in supported.items())
     kinds = non_full_layers(config)
     if not kinds:
-        return f"{family} is not supported; supported families: {listing}"
+        hint = f" ({HINTS[model_type]})" if model_type in HINTS else ""
+        return f"{family} is not supported{hint}; supported families: {listing}"
     text = _text_config(config)
     total = text.get("num_hidden_layers") or len(text.get("layer_types") or []) or "?"
     layers = ", ".join(f"{n} of {total} layers use {_LAYER_WORDS.get(k, k)}" for k, n in kinds.items())
