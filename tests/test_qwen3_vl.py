@@ -109,7 +109,8 @@ async def test_lm_receives_the_selected_and_merged_deepstack_features():
 @torch.no_grad()
 def test_extra_channel_rows_are_the_models_own_forward():
     """[main | DeepStack] rows with DeepStack on every row (zeros at text) give exactly the logits
-    of the model's own forward on input ids + pixels; batches of two rows equal single runs; and
+    of the model's own forward on input ids + pixels; batches of two rows equal single runs, with
+    or without a 4-D attention mask; and
     DeepStack matters here (dropping it changes the logits), so the check can fail."""
     ad = cpu_adapter(checkpoint("qwen3_vl"), None)
     cfg, tok = ad.model.config, ad.tokenizer
@@ -135,6 +136,14 @@ def test_extra_channel_rows_are_the_models_own_forward():
     pos = torch.cat([r[1] for r in runs], dim=1)
     batched = ad.forward(x, DynamicCache(config=cfg), pos, logits_to_keep=0)
     torch.testing.assert_close(batched, torch.cat([r[2] for r in runs]), rtol=1e-5, atol=1e-5)
+    # a 4-D mask [B, 1, L, S] goes to the model as given: causal = no mask; hiding a row of one
+    # sample changes that sample only
+    L = x.shape[1]
+    mask = torch.tril(torch.ones(L, L, dtype=torch.bool))[None, None].repeat(2, 1, 1, 1)
+    assert torch.equal(ad.forward(x, DynamicCache(config=cfg), pos, attention_mask=mask, logits_to_keep=0), batched)
+    mask[1, :, 1:, 0] = False
+    masked = ad.forward(x, DynamicCache(config=cfg), pos, attention_mask=mask, logits_to_keep=0)
+    assert torch.equal(masked[0], batched[0]) and not torch.allclose(masked[1], batched[1], atol=1e-4)
 
 
 @pytest.mark.parametrize("shift", [1, 7, 40])

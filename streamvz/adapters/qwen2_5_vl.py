@@ -197,12 +197,12 @@ class Qwen2_5_VLAdapter(Adapter):
         return self.encode_frames_positioned(frames)[0]
 
     @torch.inference_mode()
-    def forward(self, inputs_embeds, cache, position_ids, logits_to_keep: int = 1) -> torch.Tensor:
+    def forward(self, inputs_embeds, cache, position_ids, attention_mask=None, logits_to_keep: int = 1) -> torch.Tensor:
         position_ids = position_ids.to(self.device)
         if position_ids.dim() == 2:  # plain text positions: the same on all three axes
             position_ids = position_ids[None].expand(3, -1, -1)
         out = self.model(
             inputs_embeds=inputs_embeds.to(self.device, self.dtype), past_key_values=cache,
-            position_ids=position_ids, use_cache=True, logits_to_keep=logits_to_keep,
+            position_ids=position_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=logits_to_keep,
         )
         return out.logits
