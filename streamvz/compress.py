@@ -142,11 +142,13 @@ def scoring_layer_index(n_layers: int, feature_layer: int) -> int:
     return idx
 
 
-class _Capture:
-    """Forward hooks on one attention module's q/k projections; removed on exit."""
+class QKCapture:
+    """Forward hooks on one attention module's q/k projections; removed on exit. `q`/`k` name the
+    submodules whose outputs are the queries/keys the attention uses (e.g. InternViT's q_norm)."""
 
-    def __init__(self, attn: torch.nn.Module):
+    def __init__(self, attn: torch.nn.Module, q: str = "q_proj", k: str = "k_proj"):
         self.attn, self.q, self.k, self.handles = attn, None, None, []
+        self.names = (q, k)
 
     def __enter__(self):
         def keep(name):
@@ -155,10 +157,8 @@ class _Capture:
 
             return hook
 
-        self.handles = [
-            self.attn.q_proj.register_forward_hook(keep("q")),
-            self.attn.k_proj.register_forward_hook(keep("k")),
-        ]
+        q, k = (getattr(self.attn, name) for name in self.names)
+        self.handles = [q.register_forward_hook(keep("q")), k.register_forward_hook(keep("k"))]
         return self
 
     def __exit__(self, *exc):
@@ -193,7 +193,7 @@ class VisionZip:
     def compress(self, vision_model, pixel_values: torch.Tensor, feature_layer: int = -2) -> Compressed:
         layers, has_cls = tower_info(vision_model)
         attn = _attention(layers[scoring_layer_index(len(layers), feature_layer)])
-        with _Capture(attn) as cap:
+        with QKCapture(attn) as cap:
             out = vision_model(pixel_values=pixel_values, output_hidden_states=True)
         hidden = out.hidden_states[feature_layer]
         B, N, _ = hidden.shape

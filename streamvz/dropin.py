@@ -11,7 +11,7 @@ instances in the process are unaffected):
     tokens per image or frame;
   * the processor's placeholder expansion (`replace_image_token` / `replace_video_token`), so the
     prompt holds exactly as many image/video tokens as there are compressed features;
-  * for Qwen2.5-VL also `get_rope_index`, so kept tokens keep their own (t, h, w) positions.
+  * for Qwen2.5-VL / Qwen3-VL also `get_rope_index`, so kept tokens keep their own (t, h, w) positions.
 The vision tower runs without gradients (VisionZip is inference-only); the projector and the
 language model run as usual.
 
@@ -23,15 +23,20 @@ Supported (what is compressed):
                                            images: each anyres crop, + one newline row per image
   Qwen2_5_VLForConditionalGeneration       images (each its own (1, h, w) grid); videos pass
                                            through unchanged
+  Qwen3VLForConditionalGeneration (+ MoE)  images, with their DeepStack features selected and merged
+                                           alike; videos pass through unchanged
+  SmolVLMForConditionalGeneration          images, each split crop and the global view, and videos
+                                           (SmolVLM2 encodes video frames as images)
+  InternVLForConditionalGeneration         images (each tile) and videos (each frame)
 """
 from __future__ import annotations
-
-import itertools
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .compress import VisionZip, tower_info
+from .dropin_qwen import qwen
+from .dropin_shuffle import internvl, smolvlm
 
 _ATTR = "_streamvz_visionzip"
 SUPPORTED = (
@@ -39,6 +44,10 @@ SUPPORTED = (
     "LlavaNextVideoForConditionalGeneration",
     "LlavaOnevisionForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration",
+    "SmolVLMForConditionalGeneration",
+    "InternVLForConditionalGeneration",
 )
 
 
@@ -63,6 +72,7 @@ class _Patch:
 
     def __init__(self):
         self.set: list[tuple[object, str]] = []
+        self.swapped: list[tuple[object, str, object]] = []
 
     def put(self, obj, name: str, fn) -> None:
         if obj is None:
@@ -72,11 +82,21 @@ class _Patch:
         setattr(obj, name, fn)
         self.set.append((obj, name))
 
+    def swap(self, obj, name: str, value) -> None:
+        """Change an existing instance value (e.g. a processor's tokens per image); undo restores it."""
+        if obj is None:
+            return
+        self.swapped.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
     def undo(self) -> None:
         for obj, name in reversed(self.set):
             if name in vars(obj):
                 delattr(obj, name)
+        for obj, name, value in reversed(self.swapped):
+            setattr(obj, name, value)
         self.set.clear()
+        self.swapped.clear()
 
 
 # -- LLaVA family ----------------------------------------------------------------------------
@@ -166,74 +186,6 @@ def _anyres_images(inner, processor, vz: VisionZip, patch: _Patch, multi_image_r
     patch.put(processor, "replace_image_token", replace_image_token)
 
 
-# -- Qwen2.5-VL ------------------------------------------------------------------------------
-
-
-def _qwen(inner, processor, vz: VisionZip, patch: _Patch) -> None:
-    from .adapters.qwen2_5_vl import qwen_visionzip
-
-    memo: dict = {}
-
-    def zipped(pixel_values, grid):
-        key = (pixel_values.data_ptr(), tuple(pixel_values.shape), tuple(grid.flatten().tolist()))
-        if memo.get("key") != key:  # get_rope_index and get_image_features see the same images
-            memo.update(key=key, z=qwen_visionzip(inner.visual, pixel_values, grid, vz))
-        return memo["z"]
-
-    def get_image_features(pixel_values, image_grid_thw=None, **_kw):
-        z = zipped(pixel_values, image_grid_thw)
-        return BaseModelOutputWithPooling(pooler_output=tuple(t.clone() for t in z.tokens))
-
-    def get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
-                       second_per_grid_ts=None, attention_mask=None, pixel_values=None, **_kw):
-        """The model's 3-D positions with each image replaced by its kept tokens' own (t, h, w)
-        offsets; an image then spans max(offset) + 1 positions (as in streamvz's engine)."""
-        offsets = []
-        if pixel_values is not None:
-            offsets = zipped(pixel_values, image_grid_thw).offsets
-        elif image_grid_thw is not None:
-            if "z" not in memo:
-                raise RuntimeError("get_rope_index needs pixel_values before the images are encoded")
-            offsets = memo["z"].offsets
-        images = iter(offsets)
-        videos = iter(video_grid_thw if video_grid_thw is not None else [])
-        seconds = iter(second_per_grid_ts if second_per_grid_ts is not None else itertools.repeat(1))
-        merge = inner.config.vision_config.spatial_merge_size
-        per_second = inner.config.vision_config.tokens_per_second
-        position_ids = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
-        deltas = []
-        for b in range(input_ids.shape[0]):
-            types = mm_token_type_ids[b]
-            keep = attention_mask[b].bool() if attention_mask is not None else torch.ones_like(types, dtype=torch.bool)
-            types = types[keep]
-            pieces, pos = [], 0
-            for kind, group in itertools.groupby(types.tolist()):
-                n = len(list(group))
-                if kind == 0:  # text
-                    pieces.append(torch.arange(n).expand(3, n) + pos)
-                    pos += n
-                elif kind == 1:  # a compressed image
-                    off = next(images).cpu()
-                    if off.shape[1] != n:
-                        raise ValueError(f"an image has {n} placeholder tokens but VisionZip keeps {off.shape[1]}")
-                    pieces.append(off + pos)
-                    pos += int(off.max()) + 1
-                else:  # a video: the model's own layout (not compressed)
-                    grid = next(videos)
-                    ids = inner.get_vision_position_ids(pos, grid, 1, merge, per_second * next(seconds))
-                    pieces.append(ids.cpu())
-                    pos += max(int(grid[1]), int(grid[2])) // merge
-            flat = torch.cat(pieces, dim=1).to(position_ids)
-            position_ids[:, b, keep] = flat
-            deltas.append(int(flat.max()) + 1 - len(types))
-        return position_ids, torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
-
-    patch.put(inner, "get_image_features", get_image_features)
-    patch.put(inner, "get_rope_index", get_rope_index)
-    patch.put(processor, "replace_image_token",
-              lambda image_inputs, image_idx, **kw: processor.image_token * vz.tokens)
-
-
 # -- public ------------------------------------------------------------------------------------
 
 
@@ -257,8 +209,12 @@ def visionzip(model, processor=None, dominant: int = 54, contextual: int = 10, m
         elif family == "LlavaOnevisionForConditionalGeneration":
             _video_llava(inner, processor, vz, patch, newline=True)
             _anyres_images(inner, processor, vz, patch, multi_image_rule=True)
-        else:
-            _qwen(inner, processor, vz, patch)
+        elif family == "SmolVLMForConditionalGeneration":
+            smolvlm(inner, processor, vz, patch)
+        elif family == "InternVLForConditionalGeneration":
+            internvl(inner, processor, vz, patch)
+        else:  # the Qwen families
+            qwen(inner, processor, vz, patch, deepstack=family != "Qwen2_5_VLForConditionalGeneration")
     except Exception:
         patch.undo()
         raise

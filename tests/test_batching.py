@@ -57,7 +57,8 @@ def family_adapter(family, tiny_llava, tokens):
     return load_adapter(path, tokens_per_frame=tokens, device="cpu", dtype=torch.float32)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next_video", "llava_onevision", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next_video", "llava_onevision", "qwen2_5_vl", "qwen3_vl",
+                                    "smolvlm", "internvl"])
 async def test_batched_equals_one_row_per_forward(family, tiny_llava):
     ad = family_adapter(family, tiny_llava, 12)
     results = {}

@@ -12,14 +12,19 @@ from streamvz.engine import Engine
 from test_families import Q1, SYSTEM, conversation_ids, cpu_adapter, feed, frames
 from tiny_families import checkpoint, load_processor
 
-FAMILIES = ["llava_next_video", "llava_onevision", "qwen2_5_vl"]
+FAMILIES = ["llava_next_video", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "smolvlm", "internvl"]
+QWEN = ("qwen2_5_vl", "qwen3_vl")
 BUDGET = 12  # streamvz.compress.split(12) == (10, 2)
 
 
 def pixel_inputs(ad, family, imgs):
-    if family == "qwen2_5_vl":
+    if family in QWEN:
         pv, grid = ad.pixel_values(imgs)
         return dict(pixel_values=pv, image_grid_thw=grid)
+    if family == "smolvlm":  # one sample, one unsplit image per frame
+        return dict(pixel_values=ad.pixel_values(imgs)[None])
+    if family == "internvl":  # one tile per frame
+        return dict(pixel_values=ad.pixel_values(imgs))
     return dict(pixel_values_videos=ad.pixel_values(imgs)[:, None])  # each frame a one-frame video
 
 
@@ -41,12 +46,17 @@ async def test_dropin_generate_equals_streamed_session(family):
     processor = load_processor(path)
     visionzip(model, processor, dominant=ad.vz.dominant, contextual=ad.vz.contextual)
     cfg = model.config
-    placeholder = cfg.image_token_id if family == "qwen2_5_vl" else cfg.video_token_id
+    placeholder = cfg.video_token_id if family.startswith("llava") else cfg.image_token_id
     ids = torch.tensor([conversation_ids(engine, len(imgs), [placeholder] * ad.tokens_per_frame, [(Q1, None)])])
     extra = pixel_inputs(ad, family, imgs)
-    if family == "qwen2_5_vl":
+    if family in QWEN:
         extra["mm_token_type_ids"] = (ids == placeholder).int()
-        feats = model.model.get_image_features(**extra).pooler_output
+        out = model.model.get_image_features(**extra)
+        feats = out.pooler_output
+        if family == "qwen3_vl":  # the adapter's rows are [main | DeepStack levels]
+            feats = [torch.cat(per_image, dim=-1) for per_image in zip(feats, *out.deepstack_features)]
+    elif family in ("smolvlm", "internvl"):
+        feats = model.model.get_image_features(extra["pixel_values"]).pooler_output
     else:
         feats = model.model.get_video_features(extra["pixel_values_videos"]).pooler_output
     torch.testing.assert_close(torch.cat(list(feats)).reshape(2, ad.tokens_per_frame, -1), ad.encode_frames(imgs))
@@ -90,10 +100,11 @@ def test_llava_processor_and_generate(tiny_llava):
     assert model.generate(**again, max_new_tokens=5, do_sample=False).tolist() == base.tolist()
 
 
-def test_qwen_processor_and_generate():
-    """Qwen2.5-VL: generate(**processor(images, text)) runs on compressed images with positions
-    from the kept tokens; removal restores the model's own output."""
-    path = checkpoint("qwen2_5_vl")
+@pytest.mark.parametrize("family", QWEN)
+def test_qwen_processor_and_generate(family):
+    """Qwen2.5-VL / Qwen3-VL: generate(**processor(images, text)) runs on compressed images with
+    positions from the kept tokens; removal restores the model's own output."""
+    path = checkpoint(family)
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     processor = load_processor(path)
     imgs = frames(2, seed=9, h=112, w=168)
@@ -208,3 +219,34 @@ def test_onevision_multi_image_prompt_uses_one_view_per_image():
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 2 * (12 + 1)
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+@pytest.mark.parametrize("family,image_token", [("smolvlm", "<image>"), ("internvl", "<IMG_CONTEXT>")])
+def test_shuffle_family_processor_and_generate(family, image_token):
+    """SmolVLM2 / InternVL3: the processor writes the budget per tower input (crop, tile, thumbnail)
+    in its own layout,
+    generate runs on the compressed tokens; removal restores the token count and the output."""
+    path = checkpoint(family)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = load_processor(path)
+    imgs = frames(2, seed=10, h=100, w=150)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": Q1}]}]
+    # the tokenizer's template: SmolVLMProcessor's own needs the video processor (torchvision)
+    text = processor.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    token_id = processor.tokenizer.convert_tokens_to_ids(image_token)
+    full = processor(images=imgs, text=text, return_tensors="pt")
+    n_full = int((full["input_ids"] == token_id).sum())
+    base = model.generate(**full, max_new_tokens=5, do_sample=False)
+
+    visionzip(model, processor, dominant=8, contextual=2)
+    inputs = processor(images=imgs, text=text, return_tensors="pt")
+    inputs_per_image = n_full // 16 // 2  # tower inputs per image: 1 (SmolVLM, unsplit) or InternVL's tiles
+    assert n_full == 2 * inputs_per_image * 16
+    assert int((inputs["input_ids"] == token_id).sum()) == 2 * inputs_per_image * 10
+    out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+
+    remove_visionzip(model, processor)
+    again = processor(images=imgs, text=text, return_tensors="pt")
+    assert int((again["input_ids"] == token_id).sum()) == n_full
+    assert model.generate(**again, max_new_tokens=5, do_sample=False).tolist() == base.tolist()

@@ -1,6 +1,7 @@
-"""The three video families beyond LLaVA-1.5, on tiny random checkpoints of the real classes:
-the model's own greedy `generate` reproduced token for token with compression off, exact
-budgets with VisionZip on, Qwen's M-RoPE positions, and multi-turn streaming sessions."""
+"""The video families beyond LLaVA-1.5 (LLaVA-NeXT-Video, OneVision, Qwen2.5-VL, Qwen3-VL, SmolVLM2,
+InternVL3), on tiny random checkpoints of the real classes: the model's own greedy `generate`
+reproduced token for token with compression off, exact budgets with VisionZip on, Qwen's M-RoPE
+positions, and multi-turn streaming sessions that evict and re-rotate."""
 import numpy as np
 import pytest
 import torch
@@ -9,7 +10,8 @@ from streamvz.adapters import load_adapter
 from streamvz.engine import Engine
 from tiny_families import checkpoint
 
-FAMILIES = ["llava_next_video", "llava_onevision", "qwen2_5_vl"]
+FAMILIES = ["llava_next_video", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "smolvlm", "internvl"]
+QWEN = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # frames as images with (t, h, w) M-RoPE ids
 SYSTEM = "You are a helpful assistant."
 Q1, Q2 = "What is in the video?", "Did anyone enter through the back door?"
 
@@ -32,12 +34,16 @@ async def feed(session, imgs, t0=0.0):
 
 def model_inputs(ad, family, imgs):
     """What the model's own forward takes for these frames, each frame as a one-frame video
-    (LLaVA families) or an image (Qwen), plus the placeholder ids one frame expands to."""
+    (LLaVA families) or an image (Qwen, SmolVLM, InternVL), plus the placeholder ids one frame expands to."""
     cfg = ad.model.config
-    if family == "qwen2_5_vl":
+    if family in QWEN:
         pv, grid = ad.pixel_values(imgs)
         n = int(grid[0].prod()) // cfg.vision_config.spatial_merge_size ** 2
         return dict(pixel_values=pv, image_grid_thw=grid), [cfg.image_token_id] * n
+    if family == "smolvlm":  # one sample holding one unsplit image per frame
+        return dict(pixel_values=ad.pixel_values(imgs)[None]), [cfg.image_token_id] * ad.tokens_per_frame
+    if family == "internvl":  # one tile per frame
+        return dict(pixel_values=ad.pixel_values(imgs)), [cfg.image_token_id] * ad.tokens_per_frame
     return dict(pixel_values_videos=ad.pixel_values(imgs)[:, None]), [cfg.video_token_id] * ad.tokens_per_frame
 
 
@@ -53,7 +59,7 @@ def conversation_ids(engine, n_frames, frame_ids, turns):
     return ids
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["qwen3_vl_moe"])
 async def test_uncompressed_stream_equals_generate(family):
     """Compression off: a two-turn streamed session gives exactly the model's own greedy output."""
     engine = Engine(cpu_adapter(checkpoint(family), None))
@@ -70,7 +76,7 @@ async def test_uncompressed_stream_equals_generate(family):
     extra, per_frame = model_inputs(ad, family, imgs)
     for turns, got in [([(Q1, None)], a1), ([(Q1, a1.token_ids), (Q2, None)], a2)]:
         ids = torch.tensor([conversation_ids(engine, len(imgs), per_frame, turns)])
-        if family == "qwen2_5_vl":
+        if family in QWEN:
             extra["mm_token_type_ids"] = (ids == ad.model.config.image_token_id).int()
         out = ad.model.generate(ids, **extra, max_new_tokens=got.max_new_tokens, do_sample=False)
         ref = [t for t in out[0, ids.shape[1]:].tolist() if t not in ad.eos_token_ids]
@@ -83,12 +89,18 @@ async def test_uncompressed_stream_equals_generate(family):
     ("llava_next_video", 12, 12),  # replaces the 2x2 pooling (16 tokens)
     ("llava_onevision", 12, 13),  # + the model's image_newline row
     ("qwen2_5_vl", 12, 12),  # of 16 merged tokens
+    ("qwen3_vl", 12, 12),  # of 16 merged tokens, each with its DeepStack channels
+    ("smolvlm", 12, 12),  # of 16 pixel-shuffle groups (3x3 patches each)
+    ("internvl", 12, 12),  # of 16 pixel-shuffle groups (2x2 patches each; CLS scores them)
 ])
 def test_visionzip_budget_per_frame(family, budget, rows):
     ad = cpu_adapter(checkpoint(family), budget)
-    assert ad.tokens_per_frame == (rows if family != "qwen2_5_vl" else budget)
+    assert ad.tokens_per_frame == (rows if family not in QWEN else budget)
     embeds = ad.encode_frames(np.stack(frames(3, seed=2)))
-    assert embeds.shape == (3, rows, ad.model.config.get_text_config().hidden_size)
+    width = ad.model.config.get_text_config().hidden_size
+    if family == "qwen3_vl":  # [main | one block per DeepStack level]
+        width *= 1 + len(ad.model.config.vision_config.deepstack_visual_indexes)
+    assert embeds.shape == (3, rows, width)
     dominant, contextual = ad.vz.dominant, ad.vz.contextual
     assert dominant + contextual == budget and contextual > 0
     assert ad.last_indices.shape == (3, dominant)
@@ -106,9 +118,10 @@ def test_budget_larger_than_the_frame_is_refused(family):
         ad.encode_frames(frames(1)[0])  # Qwen's token count depends on the frame size
 
 
-def test_qwen_kept_tokens_keep_their_positions():
+@pytest.mark.parametrize("family", QWEN[:2])
+def test_qwen_kept_tokens_keep_their_positions(family):
     """Dominant tokens are the model's own merged tokens with their own (t, h, w) M-RoPE ids."""
-    path = checkpoint("qwen2_5_vl")
+    path = checkpoint(family)
     full = cpu_adapter(path, None)
     ad = cpu_adapter(path, 8)
     imgs = frames(2, seed=3, h=112, w=168)  # not square: rows and columns differ

@@ -43,16 +43,18 @@ def chatml_template(image: str, video: str) -> str:
     )
 
 
-def _tokenizer(chat_template: str, chatml: bool, image: str = IMAGE, video: str = VIDEO):
-    """The shared tiny BPE (tests/tiny_models.py) with this family's specials and template."""
+def _tokenizer(chat_template: str, chatml: bool, image: str = IMAGE, video: str = VIDEO, extra: dict | None = None):
+    """The shared tiny BPE (tests/tiny_models.py) with this family's specials and template.
+    `extra`: more named special tokens (attribute -> token), e.g. InternVL's <img>."""
     from transformers import PreTrainedTokenizerFast
 
-    base = make_tokenizer(QWEN_SPECIALS if chatml else [])
+    extra = extra or {}
+    base = make_tokenizer((QWEN_SPECIALS if chatml else []) + list(extra.values()))
     kw = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     if chatml:  # Qwen-style LMs: no BOS, turns end with <|im_end|>
         kw = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
     return PreTrainedTokenizerFast(tokenizer_object=base._tokenizer, unk_token="<unk>", chat_template=chat_template,
-                                   extra_special_tokens={"image_token": image, "video_token": video}, **kw)
+                                   extra_special_tokens={"image_token": image, "video_token": video, **extra}, **kw)
 
 
 def _vision(cls, **kw):
@@ -164,7 +166,8 @@ def load_processor(path: str | os.PathLike):
     processor; everything the drop-in touches (`replace_image_token`, `__call__`) is the real class's.
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-    from transformers import LlavaNextVideoProcessor, LlavaOnevisionProcessor, Qwen2_5_VLProcessor
+    from transformers import (InternVLProcessor, LlavaNextVideoProcessor, LlavaOnevisionProcessor, Qwen2_5_VLProcessor,
+                              Qwen3VLProcessor, SmolVLMProcessor)
 
     cfg = AutoConfig.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
@@ -176,6 +179,9 @@ def load_processor(path: str | os.PathLike):
         "llava_onevision": (LlavaOnevisionProcessor, dict(num_image_tokens=64, vision_feature_select_strategy="full",
                                                           vision_aspect_ratio=getattr(cfg, "vision_aspect_ratio", None))),
         "qwen2_5_vl": (Qwen2_5_VLProcessor, {}),
+        "qwen3_vl": (Qwen3VLProcessor, {}),
+        "smolvlm": (SmolVLMProcessor, dict(image_seq_len=16)),
+        "internvl": (InternVLProcessor, dict(image_seq_length=16)),
     }[cfg.model_type]
 
     class ImageOnly(cls):
@@ -202,10 +208,12 @@ def checkpoint(family: str) -> str:
     import shutil
     import tempfile
 
+    from tiny_current import BUILDERS as CURRENT  # Qwen3-VL, SmolVLM2, InternVL3
+
     if family not in _BUILT:
         path = tempfile.mkdtemp(prefix=f"tiny_{family}_")
         atexit.register(shutil.rmtree, path, True)
-        _BUILT[family] = BUILDERS[family](Path(path))
+        _BUILT[family] = {**BUILDERS, **CURRENT}[family](Path(path))
     return str(_BUILT[family])
 
 

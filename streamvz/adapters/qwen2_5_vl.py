@@ -50,7 +50,7 @@ def contextual_targets(indices: torch.Tensor, n: int, contextual: int) -> torch.
     return rest[torch.arange(0, len(rest), step)[:contextual]]
 
 
-class _ScoringHook:
+class ScoringHook:
     """Captures, for one ViT block, its qkv projection output and the attention call's
     rotary embeddings and segment boundaries. Hooks are removed on exit; nothing else changes."""
 
@@ -83,7 +83,7 @@ def merged_scores(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw:
     cfg = visual.config
     merge, unit = cfg.spatial_merge_size, cfg.spatial_merge_size ** 2
     block = visual.blocks[cfg.fullatt_block_indexes[-1] if cfg.fullatt_block_indexes else -1]
-    with _ScoringHook(block.attn) as hook:
+    with ScoringHook(block.attn) as hook:
         merged = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw).pooler_output  # natural order
     window_index, _ = get_vision_window_index(grid_thw.cpu(), merge, cfg.window_size, cfg.patch_size)
     restore = torch.argsort(window_index).to(merged.device)  # window order -> natural order
@@ -113,8 +113,14 @@ def qwen_visionzip(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw
                    vz: VisionZip) -> QwenZipped:
     """VisionZip on Qwen2.5-VL's ViT for a packed batch of images (one grid row per image)."""
     merge = visual.config.spatial_merge_size
+    return zip_merged(*merged_scores(visual, pixel_values, grid_thw), grid_thw, merge, vz)
+
+
+def zip_merged(merged: torch.Tensor, unit_scores: torch.Tensor, unit_keys: torch.Tensor, grid_thw: torch.Tensor,
+               merge: int, vz: VisionZip) -> QwenZipped:
+    """Per image of a packed batch: select + merge on merged tokens [M, C] (any channels: each is
+    treated alike) from their scores [M] and keys [M, d], with each kept token's (t, h, w) offset."""
     unit = merge * merge
-    merged, unit_scores, unit_keys = merged_scores(visual, pixel_values, grid_thw)
     out = QwenZipped([], [], [])
     start = 0
     for g in grid_thw:
