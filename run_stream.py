@@ -43,6 +43,14 @@ def engine_args(p: argparse.ArgumentParser) -> None:
                    help="VisionZip tokens kept per frame (64 = 54 dominant + 10 contextual)")
     g.add_argument("--window", type=int, default=None,
                    help="frames kept in each session's KV cache (default: as many as the context holds)")
+    g.add_argument("--temporal", choices=["off", "drop"], default=DEFAULTS.temporal,
+                   help="static cameras: 'drop' writes only the tokens that changed since the last frame "
+                        "(a still frame costs nothing; key frames keep all)")
+    g.add_argument("--key-frame-every", type=int, default=DEFAULTS.key_frame_every,
+                   help="with --temporal drop: frames between key frames")
+    g.add_argument("--temporal-threshold", type=float, default=DEFAULTS.temporal_threshold,
+                   help="with --temporal drop: a token changed when its cosine similarity to the last frame's "
+                        "nearest token is below 1 - this")
     g.add_argument("--max-sessions", type=int, default=DEFAULTS.max_sessions,
                    help="sessions the engine holds at once (KV memory: max sessions x cache budget, fixed at start)")
 
@@ -54,7 +62,8 @@ def make_engine(a, **limits):
 
     dtype = getattr(torch, a.dtype) if a.dtype else None
     return Engine(model=a.model, device=a.device, dtype=dtype, tokens_per_frame=a.tokens_per_frame,
-                  window_frames=a.window, max_sessions=a.max_sessions, **limits)
+                  window_frames=a.window, max_sessions=a.max_sessions, temporal=a.temporal,
+                  key_frame_every=a.key_frame_every, temporal_threshold=a.temporal_threshold, **limits)
 
 
 # --- serve ---------------------------------------------------------------------------------

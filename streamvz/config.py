@@ -22,6 +22,12 @@ class EngineConfig:
     max_backlog_frames: int = 8  # submitted frames queued per session before the oldest is dropped
     max_queued_questions: int = 8  # questions queued per session
     system_share: float = 0.25  # the system prompt may take at most this share of the budget
+    # Static cameras (streamvz/temporal.py): "drop" writes only the tokens that changed since the last frame
+    temporal: str = "off"  # "off" | "drop"
+    temporal_threshold: float = 0.08  # changed: best cosine similarity to the last frame below 1 - this
+    key_frame_every: int = 30  # frames between key frames (all tokens kept)
+    scene_change: float = 0.5  # more than this share of tokens changed: a key frame
+    temporal_min_tokens: int = 0  # tokens kept from every frame at least (0: a still frame is not written)
 
     def with_(self, **changes) -> "EngineConfig":
         """A copy with `changes`; an unknown name is a TypeError (a typo must not pass silently)."""

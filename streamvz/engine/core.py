@@ -30,6 +30,7 @@ from ..config import EngineConfig
 from ..errors import StreamError
 from ..images import check_image
 from ..session import Answer, Session
+from ..temporal import TemporalConfig
 from .detok import Detokenizer
 from .prompt import Prompt
 from .runner import CacheView, Runner, internal
@@ -58,7 +59,9 @@ class Engine:
             raise ValueError(f"cache_budget_tokens={budget} is over the model's {max_pos} positions")
         self.config = cfg.with_(cache_budget_tokens=budget)
         self.prompt = Prompt(self.adapter.tokenizer, self.adapter.chat)
-        self.runner = Runner(self.adapter, budget, cfg.max_sessions, cfg.window_frames, cfg.turn_share)
+        temporal = TemporalConfig(cfg.temporal, cfg.temporal_threshold, cfg.key_frame_every, cfg.scene_change,
+                                  cfg.temporal_min_tokens)
+        self.runner = Runner(self.adapter, budget, cfg.max_sessions, cfg.window_frames, cfg.turn_share, temporal)
         self.scheduler = Scheduler(self.config, self.prompt.frame, self.prompt.end_of_turn)
         self.sessions: dict[str, Session] = {}
         self._states: dict[str, SessionState] = {}
@@ -281,7 +284,9 @@ class Engine:
         span = None if c.window_start_t is None else c.window_end_t - c.window_start_t
         return dict(frames_seen=s.frames_seen, frames_in_window=c.frames_in_window, frames_dropped=s.frames_dropped,
                     frames_evicted=c.frames_evicted, frames_pending=len(s.frames), cache_tokens=c.cache_tokens,
-                    cache_bytes=c.cache_bytes, cache_positions=c.cache_positions, window_span_s=span)
+                    cache_bytes=c.cache_bytes, cache_positions=c.cache_positions, window_span_s=span,
+                    frames_skipped=c.frames_skipped, frame_tokens_last=c.frame_tokens_last,
+                    frame_tokens_mean=round(c.frame_tokens_mean, 2))
 
     async def cache_view(self, session_id: str) -> CacheView:
         """A copy of a session's cache (blocks and per-layer keys/values), read on the worker."""

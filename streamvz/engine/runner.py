@@ -22,6 +22,7 @@ import torch
 from ..errors import StreamError
 from ..kv import Block, BlockTable, SlotStore, rope_inv_freq
 from ..kv.store import kv_shape
+from ..temporal import TemporalConfig, TemporalFilter
 from .sampling import sample
 from .step import CacheStats, Row, RowResult, Step, StepOutput
 
@@ -66,12 +67,16 @@ def internal(e: Exception, what: str) -> StreamError:
 
 
 class Runner:
-    def __init__(self, adapter, budget_tokens: int, slots: int, window_frames: int | None, turn_share: float):
+    def __init__(self, adapter, budget_tokens: int, slots: int, window_frames: int | None, turn_share: float,
+                 temporal: TemporalConfig = TemporalConfig()):
         self.adapter = adapter
         self.budget, self.window, self.turn_share = budget_tokens, window_frames, turn_share
         self.store = SlotStore(*kv_shape(adapter.model.config), slots=slots, budget=budget_tokens,
                                dtype=adapter.dtype, device=adapter.device, inv_freq=rope_inv_freq(adapter.model))
         self.tables: dict[int, BlockTable] = {}
+        self.temporal = temporal
+        self.filters: dict[int, TemporalFilter] = {}  # per slot, when temporal drop is on
+        self.written: dict[int, list] = {}  # per slot: [frames written, their visual tokens, last, skipped]
 
     # -- one step ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -80,13 +85,17 @@ class Runner:
         encoded = self.encode([f for r in step.rows for f in r.frames])
         jobs, k = [], 0
         for i, row in enumerate(step.rows):
-            enc = encoded[k:k + len(row.frames)]
+            if row.system is not None:  # a new session in this slot
+                self.filters.pop(row.slot, None)
+                self.written[row.slot] = [0, 0, 0, 0]
+            enc = self.drop_unchanged(row.slot, encoded[k:k + len(row.frames)])
             k += len(row.frames)
-            good = [j for j, e in enumerate(enc) if not isinstance(e, Exception)]
+            good = [j for j, e in enumerate(enc) if not isinstance(e, Exception)]  # encoded (or skipped)
             for j, e in enumerate(enc):
                 if isinstance(e, Exception):
                     results[i].frame_errors[j] = e
-            if row.frames and not good:
+            good = [j for j in good if enc[j] is not None]  # None: skipped, nothing changed
+            if row.frames and not good and row.system is None:
                 continue
             jobs.append((i, row, {j: enc[j] for j in good}))
         self.run(jobs, results)
@@ -105,6 +114,28 @@ class Runner:
             if len(frames) == 1:
                 return [internal(e, "frame encoding")]
             return [r for f in frames for r in self.encode([f])]
+
+    def drop_unchanged(self, slot: int, encoded: list) -> list:
+        """Temporal drop: each frame keeps the tokens that changed since the session's previous
+        frame (all of them on a key frame); None for a frame where nothing changed."""
+        if self.temporal.mode == "off":
+            return encoded
+        filt = self.filters.setdefault(slot, TemporalFilter(self.temporal))
+        out = []
+        for e in encoded:
+            if isinstance(e, Exception):
+                out.append(e)
+                continue
+            embeds, offsets = e
+            keep = filt.keep(embeds)
+            if keep is None:
+                out.append(e)
+            elif len(keep) == 0:
+                self.written.setdefault(slot, [0, 0, 0, 0])[3] += 1
+                out.append(None)
+            else:
+                out.append((embeds[keep], None if offsets is None else offsets[:, keep]))
+        return out
 
     def run(self, jobs: list, results: list[RowResult]) -> None:
         """Forward `jobs` [(index, row, {frame j: encoding})] together; on failure one by one."""
@@ -137,6 +168,9 @@ class Runner:
         for p in prepared:
             self.tables[p.row.slot] = p.table
             results[p.index].started = True
+            counts = self.written.setdefault(p.row.slot, [0, 0, 0, 0])
+            for e, _ in p.enc.values():
+                counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + len(e), len(e)
         want = [(p, n) for n, p in enumerate(prepared) if p.row.sample is not None]
         if want:
             tokens = sample(logits[[n for _, n in want]], [p.row.sample for p, _ in want])
@@ -242,8 +276,10 @@ class Runner:
         if table is None:
             return CacheStats()
         times = [b.meta["t"] for b in table.frames()]
+        n, tokens, last, skipped = self.written.get(slot, [0, 0, 0, 0])
         return CacheStats(len(times), table.evicted_frames, table.count(), self.store.nbytes(slot),
-                          table.next_position, times[0] if times else None, times[-1] if times else None)
+                          table.next_position, times[0] if times else None, times[-1] if times else None,
+                          skipped, last, tokens / n if n else 0.0)
 
     def view(self, slot: int) -> CacheView:
         table = self.tables.get(slot) or BlockTable(self.budget)

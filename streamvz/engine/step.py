@@ -56,6 +56,9 @@ class CacheStats:
     cache_positions: int = 0
     window_start_t: float | None = None
     window_end_t: float | None = None
+    frames_skipped: int = 0  # frames with nothing changed, not written (temporal drop)
+    frame_tokens_last: int = 0  # visual tokens of the last frame written
+    frame_tokens_mean: float = 0.0  # over every frame written
 
 
 @dataclass
