@@ -74,12 +74,14 @@ async def cmd_serve(a) -> int:
     from pipelines.ws_chat import ServeConfig, serve
     from streamvz.protocol import Limits
 
+    a.broker, a.broker_port = broker_address(a.broker, a.broker_port)
     limits = Limits(max_sessions=a.max_sessions, max_sessions_per_client=a.sessions_per_client,
                     max_push_fps=a.max_push_fps, max_question_chars=a.max_question_chars)
     cfg = ServeConfig(transport=a.transport, host=a.host, port=a.port, broker=a.broker, broker_port=a.broker_port,
                       mqtt_user=a.mqtt_user, mqtt_password=a.mqtt_password or os.environ.get("STREAMVZ_MQTT_PASSWORD"),
                       mqtt_ca=a.mqtt_ca, mqtt_idle_s=a.mqtt_idle or None, media_roots=a.media_root, token=a.token or os.environ.get("STREAMVZ_TOKEN"),
-                      origins=a.origin, grace_s=a.grace, limits=limits)
+                      origins=a.origin, grace_s=a.grace, limits=limits, group=a.group, worker_id=a.worker_id,
+                      keepalive=a.keepalive)
     loop, stop = asyncio.get_running_loop(), asyncio.Event()
 
     def shutdown():
@@ -100,9 +102,31 @@ async def cmd_serve(a) -> int:
         if port is not None:
             print(f"streamvz: web page http://{a.host}:{port}/  websocket ws://{a.host}:{port}/ws", flush=True)
         if a.transport in ("mqtt", "both"):
-            print(f"streamvz: MQTT via {a.broker}:{a.broker_port}, topics streamvz/<session>/...", flush=True)
+            print(f"streamvz: MQTT via {a.broker}:{a.broker_port}, topics streamvz/<session>/..."
+                  + (f", pool {a.group!r}" if a.group else ""), flush=True)
         await task
     return 0
+
+
+def broker_address(broker: str, port: int) -> tuple[str, int]:
+    """--broker takes a host (with --broker-port) or a URL mqtt://HOST:PORT."""
+    if "://" not in broker:
+        return broker, port
+    from urllib.parse import urlsplit
+
+    url = urlsplit(broker)
+    if url.scheme != "mqtt" or not url.hostname:
+        raise StreamError("bad_argument", f"--broker takes mqtt://HOST:PORT, not {broker!r} (TLS: --mqtt-ca)")
+    return url.hostname, url.port or 1883
+
+
+def pool_args(p: argparse.ArgumentParser, group: str | None) -> None:
+    g = p.add_argument_group("worker pool (MQTT v5; docs/scale-out.md)")
+    g.add_argument("--group", default=group, help="be a pool worker of this group: sessions split across workers "
+                                                  f"by a shared subscription (default: {group or 'no pool'})")
+    g.add_argument("--worker-id", help="this worker's name in `opened` and on streamvz/workers/<id> (default: random)")
+    g.add_argument("--keepalive", type=int, default=10,
+                   help="MQTT keepalive seconds: the broker announces this server dead 1.5x this after it goes silent")
 
 
 # --- analyze -------------------------------------------------------------------------------
@@ -241,6 +265,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sessions-per-client", type=int, default=4, help="sessions one client address may hold")
     s.add_argument("--max-push-fps", type=float, default=30.0, help="frames/s a client may push to a session")
     s.add_argument("--max-question-chars", type=int, default=2000, help="longest question accepted")
+    pool_args(s, None)
+
+    w = sub.add_parser("worker", help="a pool worker: serve sessions over MQTT v5 next to other workers",
+                       description="Join a worker pool behind an MQTT v5 broker: take `open` requests from the "
+                                   "shared subscription of --group, keep each session's topics to this worker. "
+                                   "Same as `serve --transport mqtt --group G`. See docs/scale-out.md.")
+    engine_args(w)
+    w.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="the broker, mqtt://HOST:PORT")
+    w.add_argument("--mqtt-user", help="MQTT username")
+    w.add_argument("--mqtt-password", help="MQTT password (or env STREAMVZ_MQTT_PASSWORD)")
+    w.add_argument("--mqtt-ca", help="CA certificate file: connect to the broker over TLS")
+    w.add_argument("--mqtt-idle", type=float, default=600.0, help="close a session after this many idle seconds")
+    w.add_argument("--media-root", action="append", default=[], help="directory clients may open videos from")
+    w.add_argument("--max-push-fps", type=float, default=30.0, help="frames/s a client may push to a session")
+    w.add_argument("--max-question-chars", type=int, default=2000, help="longest question accepted")
+    pool_args(w, "streamvz")
+    w.set_defaults(transport="mqtt", host="127.0.0.1", port=0, broker_port=1883, token=None, origin=None, grace=30.0,
+                   sessions_per_client=4)
 
     an = sub.add_parser("analyze", help="analyse a video file: answers and a timestamped summary (JSON + Markdown)",
                         description="Walk VIDEO at --fps, write a timeline summary every --summary-every seconds "
@@ -284,7 +326,7 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    commands = {"serve": cmd_serve, "analyze": cmd_analyze, "live": cmd_live, "demo": cmd_demo}
+    commands = {"serve": cmd_serve, "worker": cmd_serve, "analyze": cmd_analyze, "live": cmd_live, "demo": cmd_demo}
     try:
         return _run(commands[a.cmd](a))
     except StreamError as e:
