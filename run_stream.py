@@ -132,6 +132,12 @@ def pool_args(p: argparse.ArgumentParser, group: str | None) -> None:
 # --- analyze -------------------------------------------------------------------------------
 
 async def cmd_analyze(a) -> int:
+    if a.ray and not _ray_address(a.ray):  # `--ray FILE ...`: argparse took the first file for the address
+        a.video.insert(0, a.ray)
+        a.ray = "local"
+    if a.ray or len(a.video) > 1 or a.segments > 1:
+        return await cmd_analyze_job(a)
+    a.video = a.video[0]
     from pipelines.analyze import analyze, to_markdown
     from streamvz.sources import probe
 
@@ -146,6 +152,39 @@ async def cmd_analyze(a) -> int:
     else:
         print(to_markdown(report))
     return 0
+
+
+def _ray_address(s: str) -> bool:
+    return s in ("local", "auto") or "://" in s or (":" in s and not os.path.exists(s))
+
+
+async def cmd_analyze_job(a) -> int:
+    """Several files, or time segments: on Ray actors with --ray, else one after another here."""
+    from pipelines import analyze_ray
+
+    if not a.question and not a.summary_every:
+        a.summary_every = 30.0
+    opts = dict(questions=a.question, summary_every=a.summary_every, fps=a.fps, max_tokens=a.max_tokens,
+                progress=not a.quiet)
+    if a.ray:
+        engine_kwargs = dict(model=a.model, device=a.device, dtype=a.dtype, tokens_per_frame=a.tokens_per_frame,
+                             window_frames=a.window, max_sessions=a.max_sessions)
+        report = await analyze_ray.analyze_on_ray(a.video, engine_kwargs, address=a.ray, actors=a.actors,
+                                                  segments=a.segments, **opts)
+    else:
+        if a.segments > 1:
+            raise StreamError("bad_argument", "--segments splits files across Ray actors: add --ray")
+        async with make_engine(a) as engine:
+            report = await analyze_ray.analyze_here(engine, a.video, **opts)
+    if a.out:
+        with open(a.out + ".json", "w") as f:
+            json.dump(report, f, indent=2)
+        with open(a.out + ".md", "w") as f:
+            f.write(analyze_ray.to_markdown(report))
+        print(f"wrote {a.out}.json and {a.out}.md", file=sys.stderr)
+    else:
+        print(analyze_ray.to_markdown(report))
+    return 0 if report["videos"] else 2
 
 
 # --- live ----------------------------------------------------------------------------------
@@ -288,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Walk VIDEO at --fps, write a timeline summary every --summary-every seconds "
                                     "and answer the --question(s). Exits 2 on bad input.")
     engine_args(an)
-    an.add_argument("video", help="video file")
+    an.add_argument("video", nargs="+", help="video file(s)")
     an.add_argument("-q", "--question", action="append", default=[], help="a question to answer (repeatable)")
     an.add_argument("--summary-every", type=float, default=None,
                     help="seconds of video between timeline entries (default 30 when no question is given)")
@@ -296,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--max-tokens", type=int, default=64, help="longest answer")
     an.add_argument("--out", help="write OUT.json and OUT.md (default: print Markdown)")
     an.add_argument("--quiet", action="store_true", help="no progress bar")
+    rj = an.add_argument_group("jobs on Ray (the `scale` extra; docs/scale-out.md)")
+    rj.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                    help="run on Ray: one engine per actor, files spread across actors; ADDRESS ray://HOST:PORT or "
+                         "auto (default: start a local Ray)")
+    rj.add_argument("--actors", type=int, default=None, help="Ray actors (default: one per GPU, else per CPU)")
+    rj.add_argument("--segments", type=int, default=1,
+                    help="cut each file into this many time segments, one session each (merged in time order)")
 
     lv = sub.add_parser("live", help="live camera Q&A: standing questions alert on changed answers",
                         description="Read SOURCE (rtsp/http URL, /dev/video0, or a file with --realtime); ask the "
