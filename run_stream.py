@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -81,7 +82,7 @@ async def cmd_serve(a) -> int:
                       mqtt_user=a.mqtt_user, mqtt_password=a.mqtt_password or os.environ.get("STREAMVZ_MQTT_PASSWORD"),
                       mqtt_ca=a.mqtt_ca, mqtt_idle_s=a.mqtt_idle or None, media_roots=a.media_root, token=a.token or os.environ.get("STREAMVZ_TOKEN"),
                       origins=a.origin, grace_s=a.grace, limits=limits, group=a.group, worker_id=a.worker_id,
-                      keepalive=a.keepalive)
+                      keepalive=a.keepalive, backend=broker_address(a.backend, 1883) if a.backend else None)
     loop, stop = asyncio.get_running_loop(), asyncio.Event()
 
     def shutdown():
@@ -95,7 +96,10 @@ async def cmd_serve(a) -> int:
         # KeyboardInterrupt, uvloop sometimes never cancelled the main task and serve hung; the serve test's dump.)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, shutdown)
-    async with make_engine(a, max_question_chars=a.max_question_chars) as engine:
+    if a.backend and a.transport != "ws":
+        raise StreamError("bad_argument", "--backend makes a websocket gateway: use it with --transport ws")
+    # A gateway holds no model: its sessions live on the pool workers.
+    async with (contextlib.nullcontext() if a.backend else make_engine(a, max_question_chars=a.max_question_chars)) as engine:
         ready = loop.create_future()
         task = asyncio.create_task(serve(engine, cfg, ready, stop))
         port = await ready
@@ -305,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-push-fps", type=float, default=30.0, help="frames/s a client may push to a session")
     s.add_argument("--max-question-chars", type=int, default=2000, help="longest question accepted")
     pool_args(s, None)
+    s.add_argument("--backend", metavar="mqtt://HOST:PORT",
+                   help="be a websocket gateway: same protocol and page, sessions on the worker pool behind this broker")
 
     w = sub.add_parser("worker", help="a pool worker: serve sessions over MQTT v5 next to other workers",
                        description="Join a worker pool behind an MQTT v5 broker: take `open` requests from the "
@@ -321,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-question-chars", type=int, default=2000, help="longest question accepted")
     pool_args(w, "streamvz")
     w.set_defaults(transport="mqtt", host="127.0.0.1", port=0, broker_port=1883, token=None, origin=None, grace=30.0,
-                   sessions_per_client=4)
+                   sessions_per_client=4, backend=None)
 
     an = sub.add_parser("analyze", help="analyse a video file: answers and a timestamped summary (JSON + Markdown)",
                         description="Walk VIDEO at --fps, write a timeline summary every --summary-every seconds "

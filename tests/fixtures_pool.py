@@ -88,3 +88,77 @@ class PoolWatch:
 
 def up(*ids):
     return lambda ws: all(ws.get(i, {}).get("state") == "up" for i in ids)
+
+
+class LoopThread:
+    """Runs `main(stop_event)` (a coroutine function) on its own thread and event loop, as a
+    separate server would; `start()` returns once main has set `self.ready`."""
+
+    def __init__(self, main):
+        import threading
+
+        self.main, self.ready, self.error = main, threading.Event(), None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.loop = self._stop = None
+
+    def _run(self):
+        async def run():
+            self.loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            await self.main(self)
+        try:
+            asyncio.run(run())
+        except Exception as e:
+            self.error = e
+            self.ready.set()
+
+    def start(self):
+        self.thread.start()
+        if not self.ready.wait(180) or self.error:
+            raise RuntimeError(f"did not start: {self.error!r}")
+        return self
+
+    async def until_stopped(self):
+        await self._stop.wait()
+
+    def stop(self):
+        if self.loop is not None and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+            self.thread.join(60)
+
+
+def pool_worker_thread(model: str, broker_port: int, worker_id: str, limits, media_roots=(), group: str = "g",
+                       grace_s: float = 30.0) -> LoopThread:
+    """A pool worker in this process (engine + Service + PoolWorker) with the caller's Limits."""
+    async def main(t):
+        from streamvz.engine import Engine
+        from streamvz.transports.pool import PoolWorker
+        from streamvz.transports.security import SourcePolicy
+        from streamvz.transports.service import Service
+
+        engine = Engine(model=model, tokens_per_frame=8, max_sessions=limits.max_sessions,
+                        max_question_chars=limits.max_question_chars, max_new_tokens_limit=limits.max_new_tokens)
+        service = Service(engine, limits, SourcePolicy(roots=[Path(r) for r in media_roots]), grace_s=grace_s,
+                          realtime_files=False)
+        async with PoolWorker(service, port=broker_port, group=group, worker_id=worker_id, idle_s=None) as w:
+            await asyncio.wait_for(w.connected.wait(), 30)
+            t.ready.set()
+            await t.until_stopped()
+            await service.aclose()
+        await engine.aclose()
+    return LoopThread(main)
+
+
+def gateway_thread(broker_port: int, limits, media_roots=(), grace_s: float = 30.0) -> LoopThread:
+    """`serve --transport ws --backend mqtt://...` in this process; `.url`/`.http` as ServerThread."""
+    async def main(t):
+        from pipelines.ws_chat import ServeConfig, serve
+
+        cfg = ServeConfig(port=0, backend=("127.0.0.1", broker_port), limits=limits, grace_s=grace_s,
+                          media_roots=[str(r) for r in media_roots])
+        ready = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(serve(None, cfg, ready, t._stop))
+        t.port = await ready
+        t.url, t.http = f"ws://127.0.0.1:{t.port}/ws", f"http://127.0.0.1:{t.port}"
+        t.ready.set()
+        await task
+    return LoopThread(main)
