@@ -146,6 +146,7 @@ async def main(argv=None) -> int:
     p.add_argument("--username")
     p.add_argument("--password")
     p.add_argument("--session", help="session id (the topic level); default: a new random one")
+    p.add_argument("--pool", action="store_true", help="open through a worker pool's shared topic (docs/scale-out.md)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--source", help="a URL or a file under the server's media root: the SERVER opens it")
     g.add_argument("--video", help="a local video file: decoded here and published as JPEG frames")
@@ -154,7 +155,7 @@ async def main(argv=None) -> int:
     p.add_argument("--wait", type=float, default=2.0, help="seconds to let frames arrive before --ask questions")
     p.add_argument("--max-tokens", type=int, default=128)
     a = p.parse_args(argv)
-    async with MqttChat(a.broker, a.port, a.session, username=a.username, password=a.password) as chat:
+    async with MqttChat(a.broker, a.port, a.session, username=a.username, password=a.password, pool=a.pool) as chat:
         try:
             opened = await chat.open(source=a.source, fps=a.fps if a.source else None)
         except StreamError as e:
