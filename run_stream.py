@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -85,12 +86,14 @@ async def cmd_serve(a) -> int:
     from pipelines.ws_chat import ServeConfig, serve
     from streamvz.protocol import Limits
 
+    a.broker, a.broker_port = broker_address(a.broker, a.broker_port)
     limits = Limits(max_sessions=a.max_sessions, max_sessions_per_client=a.sessions_per_client,
                     max_push_fps=a.max_push_fps, max_question_chars=a.max_question_chars)
     cfg = ServeConfig(transport=a.transport, host=a.host, port=a.port, broker=a.broker, broker_port=a.broker_port,
                       mqtt_user=a.mqtt_user, mqtt_password=a.mqtt_password or os.environ.get("STREAMVZ_MQTT_PASSWORD"),
                       mqtt_ca=a.mqtt_ca, mqtt_idle_s=a.mqtt_idle or None, media_roots=a.media_root, token=a.token or os.environ.get("STREAMVZ_TOKEN"),
-                      origins=a.origin, grace_s=a.grace, limits=limits)
+                      origins=a.origin, grace_s=a.grace, limits=limits, group=a.group, worker_id=a.worker_id,
+                      keepalive=a.keepalive, backend=broker_address(a.backend, 1883) if a.backend else None)
     loop, stop = asyncio.get_running_loop(), asyncio.Event()
 
     def shutdown():
@@ -104,21 +107,52 @@ async def cmd_serve(a) -> int:
         # KeyboardInterrupt, uvloop sometimes never cancelled the main task and serve hung; the serve test's dump.)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, shutdown)
-    async with make_engine(a, max_question_chars=a.max_question_chars) as engine:
+    if a.backend and a.transport != "ws":
+        raise StreamError("bad_argument", "--backend makes a websocket gateway: use it with --transport ws")
+    # A gateway holds no model: its sessions live on the pool workers.
+    async with (contextlib.nullcontext() if a.backend else make_engine(a, max_question_chars=a.max_question_chars)) as engine:
         ready = loop.create_future()
         task = asyncio.create_task(serve(engine, cfg, ready, stop))
         port = await ready
         if port is not None:
             print(f"streamvz: web page http://{a.host}:{port}/  websocket ws://{a.host}:{port}/ws", flush=True)
         if a.transport in ("mqtt", "both"):
-            print(f"streamvz: MQTT via {a.broker}:{a.broker_port}, topics streamvz/<session>/...", flush=True)
+            print(f"streamvz: MQTT via {a.broker}:{a.broker_port}, topics streamvz/<session>/..."
+                  + (f", pool {a.group!r}" if a.group else ""), flush=True)
         await task
     return 0
+
+
+def broker_address(broker: str, port: int) -> tuple[str, int]:
+    """--broker takes a host (with --broker-port) or a URL mqtt://HOST:PORT."""
+    if "://" not in broker:
+        return broker, port
+    from urllib.parse import urlsplit
+
+    url = urlsplit(broker)
+    if url.scheme != "mqtt" or not url.hostname:
+        raise StreamError("bad_argument", f"--broker takes mqtt://HOST:PORT, not {broker!r} (TLS: --mqtt-ca)")
+    return url.hostname, url.port or 1883
+
+
+def pool_args(p: argparse.ArgumentParser, group: str | None) -> None:
+    g = p.add_argument_group("worker pool (MQTT v5; docs/scale-out.md)")
+    g.add_argument("--group", default=group, help="be a pool worker of this group: sessions split across workers "
+                                                  f"by a shared subscription (default: {group or 'no pool'})")
+    g.add_argument("--worker-id", help="this worker's name in `opened` and on streamvz/workers/<id> (default: random)")
+    g.add_argument("--keepalive", type=int, default=10,
+                   help="MQTT keepalive seconds: the broker announces this server dead 1.5x this after it goes silent")
 
 
 # --- analyze -------------------------------------------------------------------------------
 
 async def cmd_analyze(a) -> int:
+    if a.ray and not _ray_address(a.ray):  # `--ray FILE ...`: argparse took the first file for the address
+        a.video.insert(0, a.ray)
+        a.ray = "local"
+    if a.ray or len(a.video) > 1 or a.segments > 1:
+        return await cmd_analyze_job(a)
+    a.video = a.video[0]
     from pipelines.analyze import analyze, to_markdown
     from streamvz.sources import probe
 
@@ -133,6 +167,39 @@ async def cmd_analyze(a) -> int:
     else:
         print(to_markdown(report))
     return 0
+
+
+def _ray_address(s: str) -> bool:
+    return s in ("local", "auto") or "://" in s or (":" in s and not os.path.exists(s))
+
+
+async def cmd_analyze_job(a) -> int:
+    """Several files, or time segments: on Ray actors with --ray, else one after another here."""
+    from pipelines import analyze_ray
+
+    if not a.question and not a.summary_every:
+        a.summary_every = 30.0
+    opts = dict(questions=a.question, summary_every=a.summary_every, fps=a.fps, max_tokens=a.max_tokens,
+                progress=not a.quiet)
+    if a.ray:
+        engine_kwargs = dict(model=a.model, device=a.device, dtype=a.dtype, tokens_per_frame=a.tokens_per_frame,
+                             window_frames=a.window, max_sessions=a.max_sessions)
+        report = await analyze_ray.analyze_on_ray(a.video, engine_kwargs, address=a.ray, actors=a.actors,
+                                                  segments=a.segments, **opts)
+    else:
+        if a.segments > 1:
+            raise StreamError("bad_argument", "--segments splits files across Ray actors: add --ray")
+        async with make_engine(a) as engine:
+            report = await analyze_ray.analyze_here(engine, a.video, **opts)
+    if a.out:
+        with open(a.out + ".json", "w") as f:
+            json.dump(report, f, indent=2)
+        with open(a.out + ".md", "w") as f:
+            f.write(analyze_ray.to_markdown(report))
+        print(f"wrote {a.out}.json and {a.out}.md", file=sys.stderr)
+    else:
+        print(analyze_ray.to_markdown(report))
+    return 0 if report["videos"] else 2
 
 
 # --- live ----------------------------------------------------------------------------------
@@ -253,12 +320,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-push-fps", type=float, default=30.0, help="frames/s a client may push to a session")
     s.add_argument("--max-question-chars", type=int, default=DEFAULTS.max_question_chars,
                    help="longest question accepted")
+    pool_args(s, None)
+    s.add_argument("--backend", metavar="mqtt://HOST:PORT",
+                   help="be a websocket gateway: same protocol and page, sessions on the worker pool behind this broker")
+
+    w = sub.add_parser("worker", help="a pool worker: serve sessions over MQTT v5 next to other workers",
+                       description="Join a worker pool behind an MQTT v5 broker: take `open` requests from the "
+                                   "shared subscription of --group, keep each session's topics to this worker. "
+                                   "Same as `serve --transport mqtt --group G`. See docs/scale-out.md.")
+    engine_args(w)
+    w.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="the broker, mqtt://HOST:PORT")
+    w.add_argument("--mqtt-user", help="MQTT username")
+    w.add_argument("--mqtt-password", help="MQTT password (or env STREAMVZ_MQTT_PASSWORD)")
+    w.add_argument("--mqtt-ca", help="CA certificate file: connect to the broker over TLS")
+    w.add_argument("--mqtt-idle", type=float, default=600.0, help="close a session after this many idle seconds")
+    w.add_argument("--media-root", action="append", default=[], help="directory clients may open videos from")
+    w.add_argument("--max-push-fps", type=float, default=30.0, help="frames/s a client may push to a session")
+    w.add_argument("--max-question-chars", type=int, default=DEFAULTS.max_question_chars,
+                   help="longest question accepted")
+    pool_args(w, "streamvz")
+    w.set_defaults(transport="mqtt", host="127.0.0.1", port=0, broker_port=1883, token=None, origin=None, grace=30.0,
+                   sessions_per_client=4, backend=None)
 
     an = sub.add_parser("analyze", help="analyse a video file: answers and a timestamped summary (JSON + Markdown)",
                         description="Walk VIDEO at --fps, write a timeline summary every --summary-every seconds "
                                     "and answer the --question(s). Exits 2 on bad input.")
     engine_args(an)
-    an.add_argument("video", help="video file")
+    an.add_argument("video", nargs="+", help="video file(s)")
     an.add_argument("-q", "--question", action="append", default=[], help="a question to answer (repeatable)")
     an.add_argument("--summary-every", type=float, default=None,
                     help="seconds of video between timeline entries (default 30 when no question is given)")
@@ -266,6 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--max-tokens", type=int, default=64, help="longest answer")
     an.add_argument("--out", help="write OUT.json and OUT.md (default: print Markdown)")
     an.add_argument("--quiet", action="store_true", help="no progress bar")
+    rj = an.add_argument_group("jobs on Ray (the `scale` extra; docs/scale-out.md)")
+    rj.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                    help="run on Ray: one engine per actor, files spread across actors; ADDRESS ray://HOST:PORT or "
+                         "auto (default: start a local Ray)")
+    rj.add_argument("--actors", type=int, default=None, help="Ray actors (default: one per GPU, else per CPU)")
+    rj.add_argument("--segments", type=int, default=1,
+                    help="cut each file into this many time segments, one session each (merged in time order)")
 
     lv = sub.add_parser("live", help="live camera Q&A: standing questions alert on changed answers",
                         description="Read SOURCE (rtsp/http URL, /dev/video0, or a file with --realtime); ask the "
@@ -296,7 +391,7 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    commands = {"serve": cmd_serve, "analyze": cmd_analyze, "live": cmd_live, "demo": cmd_demo}
+    commands = {"serve": cmd_serve, "worker": cmd_serve, "analyze": cmd_analyze, "live": cmd_live, "demo": cmd_demo}
     try:
         return _run(commands[a.cmd](a))
     except StreamError as e:

@@ -30,9 +30,11 @@ from streamvz.errors import StreamError
 class MqttChat:
     def __init__(self, host: str = "127.0.0.1", port: int = 1883, session: str | None = None,
                  prefix: str = "streamvz", username: str | None = None, password: str | None = None,
-                 tls=None, timeout: float = 120, connect_timeout: float = 10):
+                 tls=None, timeout: float = 120, connect_timeout: float = 10, pool: bool = False):
         self.host, self.port, self.prefix, self.timeout = host, port, prefix, timeout
         self.connect_timeout = connect_timeout
+        self.pool = pool  # open through a worker pool's shared topic (P/open/S) instead of P/S/control
+        self.worker: str | None = None  # the server holding the session, named by `opened`
         self.session = session or secrets.token_urlsafe(9)
         self.username, self.password, self.tls = username, password, tls
         self.me = secrets.token_hex(6)
@@ -62,9 +64,20 @@ class MqttChat:
     async def _read(self):
         async for m in self.client.messages:
             msg = json.loads(m.payload)
+            if msg.get("op") == "worker":  # our worker's retained announcement; `down` is its will
+                if msg.get("worker") == self.worker and msg.get("state") == "down":
+                    self._worker_lost(msg)
+                continue
             corr = getattr(m.properties, "CorrelationData", None) if m.properties else None
             answer = self._answers.get(corr.decode()) if corr else None
             (answer.queue if answer else self.events).put_nowait(msg)
+
+    def _worker_lost(self, msg: dict) -> None:
+        lost = {"op": "error", "code": "worker_lost",
+                "message": f"worker {self.worker} is gone ({msg.get('reason')}); its sessions are lost: open again"}
+        self.events.put_nowait(lost)
+        for answer in list(self._answers.values()):
+            answer.queue.put_nowait(lost)
 
     async def _publish(self, leaf: str, payload: bytes, qos: int, correlation: str | None = None,
                        user: list[tuple[str, str]] | None = None):
@@ -92,8 +105,18 @@ class MqttChat:
 
     async def open(self, source: str | None = None, fps: float | None = None, system_prompt: str | None = None):
         fields = {k: v for k, v in dict(source=source, fps=fps, system_prompt=system_prompt).items() if v is not None}
-        await self.control(op="open", **fields)
-        return await self.expect("opened")
+        if self.pool:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = self.topic("events")
+            body = json.dumps({"v": protocol.VERSION, "op": "open", **fields}).encode()
+            await self.client.publish(f"{self.prefix}/open/{self.session}", body, qos=1, properties=props)
+        else:
+            await self.control(op="open", **fields)
+        opened = await self.expect("opened")
+        if opened.get("worker") and opened["worker"] != self.worker:
+            self.worker = opened["worker"]  # watch it: its will tells us when it dies
+            await self.client.subscribe(f"{self.prefix}/workers/{self.worker}", qos=1)
+        return opened
 
     async def push(self, image, t: float | None = None):
         user = [("t", repr(float(t)))] if t is not None else None
@@ -125,6 +148,7 @@ async def main(argv=None) -> int:
     p.add_argument("--username")
     p.add_argument("--password")
     p.add_argument("--session", help="session id (the topic level); default: a new random one")
+    p.add_argument("--pool", action="store_true", help="open through a worker pool's shared topic (docs/scale-out.md)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--source", help="a URL or a file under the server's media root: the SERVER opens it")
     g.add_argument("--video", help="a local video file: decoded here and published as JPEG frames")
@@ -133,7 +157,7 @@ async def main(argv=None) -> int:
     p.add_argument("--wait", type=float, default=2.0, help="seconds to let frames arrive before --ask questions")
     p.add_argument("--max-tokens", type=int, default=None, help="longest answer (default: the server's)")
     a = p.parse_args(argv)
-    async with MqttChat(a.broker, a.port, a.session, username=a.username, password=a.password) as chat:
+    async with MqttChat(a.broker, a.port, a.session, username=a.username, password=a.password, pool=a.pool) as chat:
         try:
             opened = await chat.open(source=a.source, fps=a.fps if a.source else None)
         except StreamError as e:

@@ -38,11 +38,42 @@ class ServeConfig:
     grace_s: float = 30.0
     limits: Limits = field(default_factory=Limits)
     realtime_files: bool = True
+    group: str | None = None  # MQTT: be a pool worker of this group (streamvz/transports/pool.py)
+    worker_id: str | None = None  # MQTT: this server's name in `opened` and on P/workers/<id> (default: random)
+    keepalive: int = 10  # MQTT: the broker publishes our will 1.5 x this after we go silent
+    backend: tuple[str, int] | None = None  # ws gateway: sessions live on the pool behind this broker
+
+
+async def serve_gateway(cfg: ServeConfig, ready: asyncio.Future | None = None, stop: asyncio.Event | None = None):
+    """The websocket server and page with no engine: sessions on pool workers (streamvz/transports/gateway.py)."""
+    from streamvz.transports.gateway import Gateway, GatewayConn
+    from streamvz.transports.ws import WsServer
+
+    tls = ssl.create_default_context(cafile=cfg.mqtt_ca) if cfg.mqtt_ca else None
+    sources = SourcePolicy(roots=[Path(r) for r in cfg.media_roots])
+    async with Gateway(*cfg.backend, limits=cfg.limits, sources=sources, grace_s=cfg.grace_s, username=cfg.mqtt_user,
+                       password=cfg.mqtt_password, tls=tls) as gw, \
+            WsServer(gw, cfg.host, cfg.port, token=cfg.token, origins=cfg.origins, conn=GatewayConn) as ws:
+        log.info("gateway %s: websocket on ws://%s:%d/ws, pool behind %s:%d", gw.id, cfg.host, ws.port, *cfg.backend)
+        if ready is not None and not ready.done():
+            ready.set_result(ws.port)
+        await (stop or asyncio.Event()).wait()
 
 
 async def serve(engine, cfg: ServeConfig, ready: asyncio.Future | None = None, stop: asyncio.Event | None = None):
-    """Run the transports until `stop` is set (or the task is cancelled). `ready` gets the ws port."""
+    """Run the transports until `stop` is set (or the task is cancelled). `ready` gets the ws port,
+    or the exception that stopped the start (its awaiter would otherwise wait forever)."""
+    try:
+        await (serve_gateway(cfg, ready, stop) if cfg.backend else _serve(engine, cfg, ready, stop))
+    except BaseException as e:
+        if ready is not None and not ready.done():
+            ready.set_exception(e) if isinstance(e, Exception) else ready.cancel()
+        raise
+
+
+async def _serve(engine, cfg: ServeConfig, ready: asyncio.Future | None, stop: asyncio.Event | None):
     from streamvz.transports.mqtt import MqttServer
+    from streamvz.transports.pool import PoolWorker
     from streamvz.transports.ws import WsServer
 
     service = Service(engine, cfg.limits, SourcePolicy(roots=[Path(r) for r in cfg.media_roots]),
@@ -57,9 +88,10 @@ async def serve(engine, cfg: ServeConfig, ready: asyncio.Future | None = None, s
             log.info("websocket on ws://%s:%d/ws, web page on http://%s:%d/", cfg.host, port, cfg.host, port)
         if cfg.transport in ("mqtt", "both"):
             tls = ssl.create_default_context(cafile=cfg.mqtt_ca) if cfg.mqtt_ca else None
-            await stack.enter_async_context(MqttServer(service, cfg.broker, cfg.broker_port, username=cfg.mqtt_user,
-                                                       password=cfg.mqtt_password, tls=tls,
-                                                       idle_s=cfg.mqtt_idle_s))
+            kind, extra = (PoolWorker, {"group": cfg.group}) if cfg.group else (MqttServer, {})
+            await stack.enter_async_context(kind(service, cfg.broker, cfg.broker_port, username=cfg.mqtt_user,
+                                                 password=cfg.mqtt_password, tls=tls, idle_s=cfg.mqtt_idle_s,
+                                                 keepalive=cfg.keepalive, worker_id=cfg.worker_id, **extra))
             log.info("mqtt: broker %s:%d, topics streamvz/<session>/{control,frames,ask}", cfg.broker, cfg.broker_port)
         if ready is not None and not ready.done():
             ready.set_result(port)

@@ -51,6 +51,8 @@ ERROR_CODES = {
     "source_busy": "the session already has a source; frames cannot be pushed too",
     "unauthorized": "missing or wrong bearer token",
     "internal_error": "the server failed; the message says where",
+    "no_workers": "a websocket gateway sees no live pool worker, or none answered the open",
+    "worker_lost": "the worker holding the session died (its MQTT will); the session is gone, open again",
     # raised by the engine (streamvz/engine.py, session.py) and forwarded as they are
     "session_exists": "a session with this id already exists",
     "system_prompt_too_long": "the system prompt takes more than a quarter of the cache budget",

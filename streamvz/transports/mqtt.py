@@ -23,6 +23,7 @@ from paho.mqtt.properties import Properties
 
 from streamvz import protocol
 from streamvz.errors import StreamError
+from streamvz.transports import presence
 from streamvz.transports.service import PeerGone, Service
 
 log = logging.getLogger("streamvz.mqtt")
@@ -33,10 +34,14 @@ class MqttServer:
 
     def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 1883, prefix: str = "streamvz",
                  username: str | None = None, password: str | None = None, tls: ssl.SSLContext | None = None,
-                 client_id: str | None = None, idle_s: float | None = 600.0):
+                 client_id: str | None = None, idle_s: float | None = 600.0, keepalive: int = 10,
+                 worker_id: str | None = None):
         self.service, self.host, self.port, self.prefix = service, host, port, prefix
         self.username, self.password, self.tls, self.client_id = username, password, tls, client_id
         self.idle_s = idle_s  # close a session after this long without a message for it (None: never)
+        # The broker declares us dead (and publishes our will) 1.5 x keepalive after we go silent.
+        self.keepalive = keepalive
+        self.worker_id = worker_id or client_id or presence.new_worker_id()  # named in `opened`
         self.client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()  # set while subscribed (tests and the CLI wait on it)
         self.connects = 0
@@ -49,6 +54,7 @@ class MqttServer:
         return self
 
     async def __aexit__(self, *exc):
+        await self._say_down()
         pending = {t for t in (self._task, self._sweeper) if t is not None}
         while pending:
             # Cancel again if a cancellation got lost: one inside the MQTT client's own waits
@@ -72,22 +78,56 @@ class MqttServer:
             try:
                 async with aiomqtt.Client(self.host, self.port, username=self.username, password=self.password,
                                           tls_context=self.tls, identifier=self.client_id,
-                                          protocol=aiomqtt.ProtocolVersion.V5, keepalive=10) as client:
-                    for leaf, qos in (("control", 1), ("frames", 0), ("ask", 1)):
-                        await client.subscribe(f"{self.prefix}/+/{leaf}", qos=qos)
+                                          protocol=aiomqtt.ProtocolVersion.V5, keepalive=self.keepalive,
+                                          will=presence.will(self.prefix, self.worker_id)) as client:
+                    for topic, qos in self.subscriptions():
+                        await client.subscribe(topic, qos=qos)
                     self.client = client
+                    await self.announce()
                     self.connects += 1
                     self.connected.set()
                     delay = 0.2
                     log.info("mqtt: connected to %s:%d", self.host, self.port)
                     async for message in client.messages:
-                        await self._on_message(message)
+                        await self.dispatch(message)
             except aiomqtt.MqttError as e:
                 log.warning("mqtt: broker connection lost (%s); retrying in %.1fs", e, delay)
             self.client = None
             self.connected.clear()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    # --- hooks a pool worker (streamvz/transports/pool.py) overrides ----------------------
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """Topic filters (with QoS) to subscribe on every (re)connect: here every session's."""
+        return [(f"{self.prefix}/+/{leaf}", qos) for leaf, qos in (("control", 1), ("frames", 0), ("ask", 1))]
+
+    async def dispatch(self, message: aiomqtt.Message) -> None:
+        await self._on_message(message)
+
+    def load(self) -> dict:
+        """Fields of the retained `up` announcement on P/workers/<id>."""
+        return {"sessions": len(self.service.entries), "capacity": self.service.limits.max_sessions}
+
+    async def announce(self) -> None:
+        try:
+            if self.client is not None:
+                await self.client.publish(presence.worker_topic(self.prefix, self.worker_id),
+                                          presence.up_message(self.worker_id, **self.load()), qos=1, retain=True)
+        except aiomqtt.MqttError:
+            pass  # reconnecting: run() announces again once connected
+
+    async def _say_down(self) -> None:
+        """A clean shutdown sends no will, so say what the will would have said, at once."""
+        client = self.client
+        if client is None:
+            return
+        try:
+            await asyncio.wait_for(client.publish(presence.worker_topic(self.prefix, self.worker_id),
+                                                  presence.down_message(self.worker_id, "shutdown"), qos=1,
+                                                  retain=True, properties=presence.down_properties()), 2.0)
+        except (aiomqtt.MqttError, asyncio.TimeoutError):
+            pass
 
     # --- publishing ----------------------------------------------------------------------
     async def publish(self, topic: str, text: str, qos: int, correlation: bytes | None = None):
@@ -193,8 +233,8 @@ class MqttServer:
                 # the per-client cap is per session topic; the server-wide cap still holds.
                 entry = await self.service.open({k: v for k, v in msg.items() if k != "session"}, f"mqtt:{sid}",
                                                 events, session_id=sid)
-            await send("opened", session=sid, resumed=resumed, limits=self.service.limits.public(),
-                       **self.service.status(entry))
+            await send("opened", session=sid, resumed=resumed, worker=self.worker_id,
+                       limits=self.service.limits.public(), **self.service.status(entry))
             self.service.start(entry)
         elif op == "status":
             entry = self.service.get(sid)

@@ -58,6 +58,7 @@ class Service:
         self.grace_s = grace_s
         self.realtime_files = realtime_files  # play server-side files at their own pace, like a camera
         self.entries: dict[str, Entry] = {}
+        self.on_close: list[Callable[[str], None]] = []  # told each closed session's id (a pool worker unsubscribes)
 
     # --- sessions ---------------------------------------------------------------------
     async def open(self, msg: dict, client: str, send: Send, session_id: str | None = None) -> Entry:
@@ -135,6 +136,8 @@ class Service:
     async def close(self, entry: Entry) -> None:
         if self.entries.pop(entry.id, None) is None:
             return
+        for notify in self.on_close:
+            notify(entry.id)
         if entry.expiry is not None:
             entry.expiry.cancel()
         tasks = list(entry.asks.values()) + ([entry.source_task] if entry.source_task else [])

@@ -30,8 +30,10 @@ class WsServer:
     """`async with WsServer(service, port=0) as srv:` -> srv.port, srv.url (ws://.../ws)."""
 
     def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-                 origins: list[str] | None = None, web_root: Path | None = WEB_ROOT):
+                 origins: list[str] | None = None, web_root: Path | None = WEB_ROOT, conn: type | None = None):
         self.service, self.host, self.port = service, host, port
+        # `conn(service, ws, client)` handles one connection; the gateway passes its own (gateway.py)
+        self.conn = conn or _Conn
         self.token, self.origins, self.web_root = token, origins, web_root
         self._server = None
 
@@ -82,7 +84,7 @@ class WsServer:
     # --- one websocket connection ----------------------------------------------------------
     async def _handle(self, ws: ServerConnection):
         client = str(ws.remote_address[0])  # the token is one server-wide secret, not an identity
-        conn = _Conn(self.service, ws, client)
+        conn = self.conn(self.service, ws, client)
         try:
             async for message in ws:
                 await conn.on_message(message)
