@@ -28,6 +28,9 @@ SUITES = {
     "decode": ("decode_bench.py", ["--seconds", "10", "--repeat", "1"], ["--seconds", "20"]),
     "ingest": ("ingest_bench.py", ["--frames", "8"], ["--frames", "64", "--sessions", "1", "4", "8", "16"]),
     "stream": ("stream_bench.py", ["--asks", "2", "--repeats", "3"], ["--lm", "7b"]),
+    "batch": ("batch_bench.py", ["--sessions", "1", "2", "4", "8", "16"],
+              ["--lm", "7b", "--tower", "vit-l", "--sessions", "1", "4", "16", "64", "--budget", "4096"]),
+    "static": ("static_bench.py", [], []),
     "serve": ("serve_bench.py", [], []),
     "quality": ("quality_bench.py", [], []),
 }
@@ -40,7 +43,7 @@ def run_suite(name, script, extra, device, tmp) -> dict:
         out = os.path.join(RESULTS, "quality.json")
     else:
         cmd = [sys.executable, os.path.join(HERE, script), "--out", out, *extra]
-    if name in ("visionzip", "stream", "ingest"):
+    if name in ("visionzip", "stream", "ingest", "batch"):
         cmd += ["--device", device]
     print(f"\n### {name}: {' '.join(cmd[1:])}", flush=True)
     t = time.time()

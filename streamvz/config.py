@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from .errors import StreamError
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -36,6 +38,25 @@ class EngineConfig:
         if bad:
             raise TypeError(f"unknown engine settings: {', '.join(sorted(bad))}")
         return replace(self, **changes)
+
+    def check_ask(self, question, max_new_tokens, temperature, top_p, since) -> int:
+        """Validate a question's arguments against the limits; returns max_new_tokens (the default
+        when None: `default_max_new_tokens`, or the limit if lower)."""
+        if max_new_tokens is None:
+            max_new_tokens = min(self.default_max_new_tokens, self.max_new_tokens_limit)
+        if not isinstance(question, str) or not question.strip():
+            raise StreamError("bad_question", "the question must be a non-empty string")
+        if len(question) > self.max_question_chars:
+            raise StreamError("question_too_long", f"questions are limited to {self.max_question_chars} characters")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise StreamError("bad_argument", "max_new_tokens must be a positive integer")
+        if max_new_tokens > self.max_new_tokens_limit:
+            raise StreamError("max_new_tokens_too_large", f"max_new_tokens is limited to {self.max_new_tokens_limit}")
+        if not 0.0 <= float(temperature) <= 10.0 or not 0.0 < float(top_p) <= 1.0:
+            raise StreamError("bad_argument", "temperature must be in [0, 10] and top_p in (0, 1]")
+        if since is not None and not (isinstance(since, (int, float)) and since > 0):
+            raise StreamError("bad_argument", "since must be a positive number of seconds")
+        return max_new_tokens
 
 
 DEFAULTS = EngineConfig()

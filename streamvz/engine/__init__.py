@@ -8,6 +8,6 @@
     prompt.py / sampling.py / detok.py
 """
 from .core import Engine
-from .runner import CacheView
+from .step import CacheView
 
 __all__ = ["CacheView", "Engine"]

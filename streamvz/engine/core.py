@@ -33,10 +33,11 @@ from ..session import Answer, Session
 from ..temporal import TemporalConfig
 from .detok import Detokenizer
 from .prompt import Prompt
-from .runner import CacheView, Runner, internal
+from .runner import Runner, internal
 from .scheduler import Scheduler
 from .state import AnswerState, QueuedFrame, SessionState
-from .step import RowResult, Step, StepOutput
+from .step import CacheView, RowResult, StepOutput
+from .update import apply
 
 log = logging.getLogger(__name__)
 
@@ -133,35 +134,7 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - a bug in a step must not leave every session hanging
                 err = internal(e, "step")
                 out = StepOutput([RowResult(error=err, frame_errors=[err] * len(r.frames)) for r in step.rows])
-            self._apply(step, out)
-
-    def _apply(self, step: Step, out: StepOutput) -> None:
-        for row, res in zip(step.rows, out.results):
-            s = self._states[row.session]
-            s.in_flight = False
-            s.cache = res.cache or s.cache
-            s.started = s.started or res.started
-            for f, err in zip(row.frames, res.frame_errors or []):
-                done = s.frame_futures.pop(f.seq, None)
-                if done is not None and not done.done():
-                    if err is None and s.closed:
-                        err = StreamError("session_closed", f"session {s.id!r} was closed")
-                    done.set_result(None) if err is None else done.set_exception(err)
-            a = s.active
-            if not row.frames and a is not None:
-                if res.error is not None:
-                    a.end("error", res.error)
-                elif row.sample is not None:
-                    a.take(res.token)
-                    if a.cancelled and a.phase == "decode":
-                        a.close("cancelled")
-                else:  # the turn's end is in: the answer is complete
-                    a.end()
-                if s.closed and not a.ended:
-                    a.end("cancelled")
-                if a.ended:
-                    s.active = None
-            s.idle.set()
+            apply(step, out, self._states)
 
     # -- sessions ------------------------------------------------------------------------------
     def session(self, system_prompt: str | None = None, session_id: str | None = None) -> Session:
@@ -230,37 +203,20 @@ class Engine:
         the frames of the last `since` seconds of stream time before it). `ignore_eos` keeps
         generating to max_new_tokens (benchmarks, as vLLM's sampling parameter of that name)."""
         s = self._open_state(session_id)
-        cfg = self.config
-        if max_new_tokens is None:
-            max_new_tokens = min(cfg.default_max_new_tokens, cfg.max_new_tokens_limit)
-        if not isinstance(question, str) or not question.strip():
-            raise StreamError("bad_question", "the question must be a non-empty string")
-        if len(question) > cfg.max_question_chars:
-            raise StreamError("question_too_long", f"questions are limited to {cfg.max_question_chars} characters")
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise StreamError("bad_argument", "max_new_tokens must be a positive integer")
-        if max_new_tokens > cfg.max_new_tokens_limit:
-            raise StreamError("max_new_tokens_too_large", f"max_new_tokens is limited to {cfg.max_new_tokens_limit}")
-        if not 0.0 <= float(temperature) <= 10.0 or not 0.0 < float(top_p) <= 1.0:
-            raise StreamError("bad_argument", "temperature must be in [0, 10] and top_p in (0, 1]")
-        if since is not None and not (isinstance(since, (int, float)) and since > 0):
-            raise StreamError("bad_argument", "since must be a positive number of seconds")
-        if len(s.answers) + (s.active is not None) >= cfg.max_queued_questions:
-            raise StreamError("too_many_requests", f"at most {cfg.max_queued_questions} questions queued per session")
+        max_new_tokens = self.config.check_ask(question, max_new_tokens, temperature, top_p, since)
+        if len(s.answers) + (s.active is not None) >= self.config.max_queued_questions:
+            raise StreamError("too_many_requests",
+                              f"at most {self.config.max_queued_questions} questions queued per session")
         ids = self.prompt.question(question)
         turn = len(ids) + max_new_tokens + len(self.prompt.end_of_turn)
         room = self.budget_tokens - len(s.system_ids)
         if turn > room:
             raise StreamError("context_full", f"the question and {max_new_tokens} new tokens need {turn} tokens; "
                               f"the cache has room for {room}")
-        since_t = None
-        if since is not None:  # stream time of the newest frame queued so far, minus the scope
-            last = s.frames[-1].t if s.frames else s.cache.window_end_t
-            since_t = (last if last is not None else 0.0) - float(since)
         self._answer_ids += 1
         a = AnswerState(self._answer_ids, s.id, question, ids, max_new_tokens, float(temperature), float(top_p),
                         seed, s.next_seq(), Detokenizer(self.adapter.tokenizer), set() if ignore_eos else self._eos,
-                        since_t)
+                        s.since_t(since))
         s.answers.append(a)
         self._kick()
         return Answer(a, self)
@@ -280,13 +236,7 @@ class Engine:
         s = self._states.get(session_id)
         if s is None:
             raise StreamError("unknown_session", f"no session {session_id!r}")
-        c = s.cache
-        span = None if c.window_start_t is None else c.window_end_t - c.window_start_t
-        return dict(frames_seen=s.frames_seen, frames_in_window=c.frames_in_window, frames_dropped=s.frames_dropped,
-                    frames_evicted=c.frames_evicted, frames_pending=len(s.frames), cache_tokens=c.cache_tokens,
-                    cache_bytes=c.cache_bytes, cache_positions=c.cache_positions, window_span_s=span,
-                    frames_skipped=c.frames_skipped, frame_tokens_last=c.frame_tokens_last,
-                    frame_tokens_mean=round(c.frame_tokens_mean, 2))
+        return s.stats()
 
     async def cache_view(self, session_id: str) -> CacheView:
         """A copy of a session's cache (blocks and per-layer keys/values), read on the worker."""

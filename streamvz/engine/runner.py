@@ -20,30 +20,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import StreamError
-from ..kv import Block, BlockTable, SlotStore, rope_inv_freq
+from ..kv import BlockTable, SlotStore, rope_inv_freq
 from ..kv.store import kv_shape
 from ..temporal import TemporalConfig, TemporalFilter
 from .sampling import sample
-from .step import CacheStats, Row, RowResult, Step, StepOutput
+from .step import CacheStats, CacheView, Row, RowResult, Step, StepOutput
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class CacheView:
-    """A copy of one session's cache, for tests and tools: its blocks and per-layer (keys, values)."""
-
-    blocks: list[Block]
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # [1, kv_heads, rows, head_dim] each
-    next_position: int
-    evicted_frames: int
-    evicted_turns: int
-
-    def count(self) -> int:
-        return sum(b.tokens for b in self.blocks)
-
-    def frames(self) -> list[Block]:
-        return [b for b in self.blocks if b.kind == "frame"]
 
 
 @dataclass
@@ -218,7 +201,7 @@ class Runner:
         pieces = [p for p in pieces if len(p[0])]
         embeds = torch.cat([e.to(self.adapter.device, self.adapter.dtype) for e, _ in pieces])
         positions = torch.cat([p for _, p in pieces], dim=-1)
-        hide = self.hidden_rows(table, row.since_t) if row.since_t is not None else []
+        hide = table.frame_rows_before(row.since_t) if row.since_t is not None else []
         return _Prepared(index, row, table, enc, embeds, positions, hide, undo, fresh)
 
     def evict(self, slot: int, registered):
@@ -244,16 +227,6 @@ class Runner:
             return start + offsets.cpu().long()
         pos = torch.arange(start, start + n)
         return pos.expand(3, n) if self.adapter.rope_dims == 3 else pos
-
-    @staticmethod
-    def hidden_rows(table: BlockTable, since_t: float) -> list[tuple[int, int]]:
-        """Slot rows of the frames older than `since_t` (a question scoped to recent frames)."""
-        out, row = [], 0
-        for b in table.blocks:
-            if b.kind == "frame" and b.meta.get("t", since_t) < since_t:
-                out.append((row, row + b.tokens))
-            row += b.tokens
-        return out
 
     def forward(self, prepared: list[_Prepared]) -> torch.Tensor:
         """One LM call over every row, left-padded to one width; returns each row's last logits [B, V]."""

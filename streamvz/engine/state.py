@@ -137,3 +137,20 @@ class SessionState:
 
     def first_question_seq(self) -> int | None:
         return self.answers[0].seq if self.answers else None
+
+    def since_t(self, since: float | None) -> float | None:
+        """Stream time from which a question scoped to the last `since` seconds sees frames: the
+        newest frame queued so far (else the newest in the window) minus `since`."""
+        if since is None:
+            return None
+        last = self.frames[-1].t if self.frames else self.cache.window_end_t
+        return (last if last is not None else 0.0) - float(since)
+
+    def stats(self) -> dict:
+        c = self.cache
+        span = None if c.window_start_t is None else c.window_end_t - c.window_start_t
+        return dict(frames_seen=self.frames_seen, frames_in_window=c.frames_in_window,
+                    frames_dropped=self.frames_dropped, frames_evicted=c.frames_evicted,
+                    frames_pending=len(self.frames), cache_tokens=c.cache_tokens, cache_bytes=c.cache_bytes,
+                    cache_positions=c.cache_positions, window_span_s=span, frames_skipped=c.frames_skipped,
+                    frame_tokens_last=c.frame_tokens_last, frame_tokens_mean=round(c.frame_tokens_mean, 2))

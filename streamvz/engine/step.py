@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..kv import Block
+
 
 @dataclass(frozen=True, eq=False)
 class FrameIn:
@@ -73,3 +75,20 @@ class RowResult:
 @dataclass
 class StepOutput:
     results: list[RowResult]
+
+
+@dataclass
+class CacheView:
+    """A copy of one session's cache, for tests and tools: its blocks and per-layer (keys, values)."""
+
+    blocks: list[Block]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # [1, kv_heads, rows, head_dim] each
+    next_position: int
+    evicted_frames: int
+    evicted_turns: int
+
+    def count(self) -> int:
+        return sum(b.tokens for b in self.blocks)
+
+    def frames(self) -> list[Block]:
+        return [b for b in self.blocks if b.kind == "frame"]

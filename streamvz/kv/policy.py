@@ -62,6 +62,15 @@ class BlockTable:
     def next_position(self) -> int:
         return self.blocks[-1].end if self.blocks else 0
 
+    def frame_rows_before(self, t: float) -> list[tuple[int, int]]:
+        """Row ranges [lo, hi) of the frames older than stream time `t` (a question scoped to recent frames)."""
+        out, row = [], 0
+        for b in self.blocks:
+            if b.kind == "frame" and b.meta.get("t", t) < t:
+                out.append((row, row + b.tokens))
+            row += b.tokens
+        return out
+
     # -- writing -------------------------------------------------------------------------
     def append_many(self, specs: list[tuple[str, int, int | None, dict]]) -> tuple[list[int], Eviction | None]:
         """Register consecutive blocks [(kind, tokens, span, meta)] of one kind, about to be written
