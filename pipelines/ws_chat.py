@@ -32,6 +32,7 @@ class ServeConfig:
     mqtt_password: str | None = None
     mqtt_ca: str | None = None  # CA file: connect to the broker over TLS
     mqtt_idle_s: float | None = 600.0  # MQTT sessions close after this long without a message
+    mqtt_reply_prefixes: list[str] = field(default_factory=list)  # response topics allowed beyond P/S/answers
     media_roots: list[str] = field(default_factory=list)
     token: str | None = None
     origins: list[str] | None = None
@@ -59,7 +60,8 @@ async def serve(engine, cfg: ServeConfig, ready: asyncio.Future | None = None, s
             tls = ssl.create_default_context(cafile=cfg.mqtt_ca) if cfg.mqtt_ca else None
             await stack.enter_async_context(MqttServer(service, cfg.broker, cfg.broker_port, username=cfg.mqtt_user,
                                                        password=cfg.mqtt_password, tls=tls,
-                                                       idle_s=cfg.mqtt_idle_s))
+                                                       idle_s=cfg.mqtt_idle_s,
+                                                       reply_prefixes=tuple(cfg.mqtt_reply_prefixes)))
             log.info("mqtt: broker %s:%d, topics streamvz/<session>/{control,frames,ask}", cfg.broker, cfg.broker_port)
         if ready is not None and not ready.done():
             ready.set_result(port)

@@ -48,6 +48,7 @@ ERROR_CODES = {
     "rate_limited": "frames pushed faster than allowed; extra frames are dropped",
     "source_not_allowed": "the source URL scheme or path is not allowed",
     "source_busy": "the session already has a source; frames cannot be pushed too",
+    "topic_not_allowed": "an MQTT response topic outside the session's reply space",
     "unauthorized": "missing or wrong bearer token",
     "internal_error": "the server failed; the message says where",
     # raised by the engine (streamvz/engine.py, session.py) and forwarded as they are
@@ -260,11 +261,20 @@ def parse_frame(data: bytes, limits: Limits = Limits(), t: float | None = None) 
     raise StreamError("bad_frame", f"unknown frame format {str(fmt)[:20]!r}; expected 'jpeg' or 'raw'")
 
 
+def frame_time(text: str) -> float:
+    """MQTT user property `t` (a string) -> seconds, in the range the websocket header allows."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise StreamError("bad_frame", "user property t must be a number of seconds", field="t") from None
+    return _frame_number("t", v, 0, 1e9)
+
+
 def _frame_number(name, v, lo, hi, integer=False):
     try:
         return _number(lo, hi, integer)(name, v, None)
     except StreamError as e:
-        raise StreamError("bad_frame", f"frame header: {e.message}") from None
+        raise StreamError("bad_frame", f"frame header: {e.message}", field=name) from None
 
 
 def decode_jpeg(data: bytes, limits: Limits = Limits()) -> np.ndarray:
@@ -303,8 +313,13 @@ def dump(op: str, **fields) -> str:
     return json.dumps({"op": op, "v": VERSION, **fields}, separators=(",", ":"), ensure_ascii=False)
 
 
-def error_message(err: StreamError, request_id: str | None = None) -> str:
+def error_fields(err: StreamError, request_id: str | None = None) -> dict:
+    """The fields of an `error` message (code, message, field?, id?), the same on both transports."""
     extra = {k: v for k, v in err.details.items() if isinstance(v, (str, int, float, bool))}
-    if request_id is not None:
+    if request_id is not None and "id" not in extra:
         extra["id"] = request_id
-    return dump("error", code=err.code, message=err.message, **extra)
+    return {"code": err.code, "message": err.message, **extra}
+
+
+def error_message(err: StreamError, request_id: str | None = None) -> str:
+    return dump("error", **error_fields(err, request_id))

@@ -44,8 +44,10 @@ def wait_port(port: int, timeout: float = 10.0, up: bool = True) -> None:
 class Broker:
     """mosquitto 2.x (a real MQTT v5 broker) on 127.0.0.1:port, anonymous, no persistence."""
 
-    def __init__(self, port: int | None = None, users: dict[str, str] | None = None, tls: bool = False):
-        """`users`: require these username/passwords; `tls`: serve TLS with a fresh CA (`self.ca`)."""
+    def __init__(self, port: int | None = None, users: dict[str, str] | None = None, tls: bool = False,
+                 acl: str | None = None):
+        """`users`: require these username/passwords; `tls`: serve TLS with a fresh CA (`self.ca`);
+        `acl`: a mosquitto acl_file (docs/mosquitto-acl.conf)."""
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="mosq")
         self.conf = os.path.join(self.dir, "mosquitto.conf")
@@ -63,6 +65,8 @@ class Broker:
             conf += ["allow_anonymous false", f"password_file {pw}"]
         else:
             conf.append("allow_anonymous true")
+        if acl:
+            conf.append(f"acl_file {acl}")
         self.ca = None
         if tls:
             self.ca = self._make_certs()
