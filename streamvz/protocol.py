@@ -18,12 +18,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamvz.errors import StreamError
+from streamvz.images import check_shape, decode_image
 
 VERSION = 1
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 FRAME_MAGIC = b"SVZ1"  # binary header: magic, u32 big-endian header length, JSON header, payload
 JPEG_MAGIC = b"\xff\xd8\xff"
+# JSON may escape a lone UTF-16 surrogate ("\ud800"); Python decodes it into a str that no
+# tokenizer, file system or UTF-8 encoder takes. Every client string is checked for one.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Stable error codes (sent verbatim to clients; docs/protocol.md explains each).
 ERROR_CODES = {
@@ -36,6 +40,7 @@ ERROR_CODES = {
     "bad_field": "a field has the wrong type or is out of range",
     "message_too_large": "a text message is over the size limit",
     "frame_too_large": "a binary frame is over the size limit (bytes or pixels)",
+    "bad_aspect_ratio": "a frame's long side is more than 16 times its short side",
     "bad_frame": "a binary message is not a JPEG (or a valid header + payload)",
     "no_session": "a session op or a frame before `open`",
     "unknown_session": "no session with this id (never opened, closed, or expired)",
@@ -107,6 +112,8 @@ def _str(max_len: int, pattern: re.Pattern | None = None, allow_empty: bool = Fa
     def check(name, v, limits):
         if not isinstance(v, str):
             raise StreamError("bad_field", f"`{name}` must be a string", field=name)
+        if _SURROGATE.search(v):
+            raise StreamError("bad_field", f"`{name}` is not valid Unicode (a lone surrogate)", field=name)
         if len(v) > max_len:
             code = "question_too_long" if name == "text" else "bad_field"
             raise StreamError(code, f"`{name}` is longer than {max_len} characters", field=name)
@@ -184,6 +191,8 @@ def _reject_constant(name):
 def validate(obj, limits: Limits = Limits()) -> dict:
     if not isinstance(obj, dict) or not isinstance(obj.get("op"), str):
         raise StreamError("bad_message", "a message must be a JSON object with a string `op`")
+    if any(_SURROGATE.search(k) for k in obj):  # field names are echoed in errors: never an invalid one
+        raise StreamError("bad_message", "a field name is not valid Unicode (a lone surrogate)")
     op = obj["op"]
     if op not in SCHEMA:
         raise StreamError("unknown_op", f"unknown op {op[:40]!r}; expected one of {sorted(SCHEMA)}")
@@ -253,8 +262,7 @@ def parse_frame(data: bytes, limits: Limits = Limits(), t: float | None = None) 
     if fmt == "raw":
         w = int(_frame_number("width", header.get("width"), 1, 16384, integer=True))
         h = int(_frame_number("height", header.get("height"), 1, 16384, integer=True))
-        if w * h > limits.max_frame_pixels:
-            raise StreamError("frame_too_large", f"{w}x{h} is over {limits.max_frame_pixels} pixels")
+        check_shape(w, h, limits.max_frame_pixels)
         if len(data) != w * h * 3:
             raise StreamError("bad_frame", f"raw payload is {len(data)} bytes, expected {w}*{h}*3 = {w * h * 3}")
         return FrameMsg(np.frombuffer(data, np.uint8).reshape(h, w, 3).copy(), t)
@@ -278,20 +286,7 @@ def _frame_number(name, v, lo, hi, integer=False):
 
 
 def decode_jpeg(data: bytes, limits: Limits = Limits()) -> np.ndarray:
-    from PIL import Image  # pillow: the only image decoder we trust with client bytes
-
-    if not data.startswith(JPEG_MAGIC):
-        raise StreamError("bad_frame", "binary frames must be JPEG (start with FF D8 FF)")
-    try:
-        img = Image.open(io.BytesIO(data), formats=["JPEG"])  # reads the header only
-        w, h = img.size
-        if w * h > limits.max_frame_pixels:
-            raise StreamError("frame_too_large", f"{w}x{h} is over {limits.max_frame_pixels} pixels")
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except StreamError:
-        raise
-    except Exception as e:  # PIL raises many types for corrupt data; all mean the same here
-        raise StreamError("bad_frame", f"cannot decode JPEG: {str(e)[:100]}") from None
+    return decode_image(data, limits.max_frame_pixels, formats=("JPEG",))
 
 
 def encode_frame(image: np.ndarray, t: float | None = None, quality: int = 85) -> bytes:
@@ -310,7 +305,12 @@ def encode_frame(image: np.ndarray, t: float | None = None, quality: int = 85) -
 # --- server -> client ---------------------------------------------------------------------
 
 def dump(op: str, **fields) -> str:
-    return json.dumps({"op": op, "v": VERSION, **fields}, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps({"op": op, "v": VERSION, **fields}, separators=(",", ":"), ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate slipped into a field: escape it, never drop the message
+        text = json.dumps({"op": op, "v": VERSION, **fields}, separators=(",", ":"))
+    return text
 
 
 def error_fields(err: StreamError, request_id: str | None = None) -> dict:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .errors import StreamError
+from .images import check_image
 
 _END = object()
 
@@ -24,15 +25,6 @@ class Frame:
     t: float
     seq: int  # order among this session's frames and questions
     done: asyncio.Future | None = None  # set when prefilled (add_frame); None for submit_frame
-
-
-def check_image(image) -> np.ndarray:
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
-        raise StreamError("bad_frame", f"a frame must be uint8 [H, W, 3] RGB, got {image.dtype} {image.shape}")
-    return image
 
 
 class Answer:

@@ -204,7 +204,7 @@ async def test_acl_example_keeps_clients_in_their_own_session(tiny_llava):
         secure.stop()
 
 
-async def test_frame_time_property_is_range_checked_and_errors_name_the_field(server, broker):  # noqa: F811
+async def test_user_properties_and_unicode_are_checked_and_errors_name_the_field(server, broker):  # noqa: F811
     victim = await _bystander(broker.port)
     try:
         async with MqttChat("127.0.0.1", broker.port, timeout=30, session="badt") as bad:
@@ -223,6 +223,13 @@ async def test_frame_time_property_is_range_checked_and_errors_name_the_field(se
                 await raw.publish("streamvz/badt/frames", frame, user=[("t", "-5")])
                 msg = (await raw.next())[2]
                 assert (msg["code"], msg["field"]) == ("bad_frame", "t")
+                # Lone surrogates (JSON escapes) never reach the tokenizer or an error message.
+                await raw.publish("streamvz/badt/ask", rb'{"text":"hi \ud800"}')
+                msg = (await raw.next())[2]
+                assert (msg["code"], msg["field"]) == ("bad_field", "text")
+                await raw.publish("streamvz/badt/control", rb'{"op":"open","system_prompt":"\udfff"}')
+                msg = (await raw.next())[2]
+                assert (msg["code"], msg["field"]) == ("bad_field", "system_prompt")
         assert (await victim.status())["frames_seen"] == 1
     finally:
         await victim.__aexit__(None, None, None)

@@ -26,6 +26,8 @@ class SourcePolicy:
         """Client-given source -> what to open (a URL, or a resolved absolute path)."""
         if "\x00" in source or any(ord(c) < 32 for c in source):
             raise StreamError("source_not_allowed", "source contains control characters")
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in source):  # no file system or URL parser takes these
+            raise StreamError("source_not_allowed", "source is not valid Unicode (a lone surrogate)")
         parts = urlsplit(source)
         if parts.scheme and len(parts.scheme) > 1:  # len 1: a Windows drive letter, i.e. a path
             scheme = parts.scheme.lower()

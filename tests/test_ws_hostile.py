@@ -1,0 +1,93 @@
+"""Hostile websocket clients against a real server (issue 23): amplifying frames, invalid
+Unicode, sessions driven by someone else. A bystander session answers throughout."""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import pytest
+import websockets
+from PIL import Image
+
+from clients.ws_chat import WsChat
+from fixtures_serve import ServerThread
+from streamvz.protocol import Limits
+from test_images import claims
+from videos import pattern_frame
+
+LIMITS = Limits(max_message_bytes=8192, max_frame_bytes=300_000, max_question_chars=300, max_new_tokens=300,
+                max_sessions=12, max_sessions_per_client=6, max_push_fps=50)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llava, tmp_path_factory):
+    srv = ServerThread(tiny_llava, limits=LIMITS, grace_s=5.0).start()
+    yield srv
+    srv.stop()
+
+
+async def request(ws, payload) -> dict:
+    await ws.send(payload)
+    return json.loads(await asyncio.wait_for(ws.recv(), 30))
+
+
+async def bystander(server):
+    chat = WsChat(server.url)
+    await chat.__aenter__()
+    await chat.open()
+    await chat.push(pattern_frame(1))
+    return chat, chat.ask("Describe the video in detail.", max_tokens=150)
+
+
+async def settle(chat, answer):
+    assert await answer.result() and answer.usage["finish_reason"] in ("stop", "length")
+    assert (await chat.status())["frames_seen"] == 1
+    await chat.__aexit__(None, None, None)
+
+
+def encode(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG")
+    return buf.getvalue()
+
+
+async def test_amplifying_frames_are_refused_with_their_codes(server):
+    chat, answer = await bystander(server)
+    async with websockets.connect(server.url) as ws:
+        assert (await request(ws, '{"op":"open"}'))["op"] == "opened"
+        thin = encode(Image.new("RGB", (65500, 1), (255, 0, 0)))  # 17 kB; gigabytes after a CLIP resize
+        for payload, code in [(thin, "bad_aspect_ratio"), (encode(Image.new("RGB", (1, 3000))), "bad_aspect_ratio"),
+                              (claims(20000, 20000), "frame_too_large"), (claims(65535, 65535), "frame_too_large")]:
+            reply = await request(ws, payload)
+            assert (reply["op"], reply["code"]) == ("error", code)
+        await ws.send(encode(Image.new("RGB", (40, 3), (255, 0, 0))))  # 3 rows high: a fine frame
+        await asyncio.sleep(0.5)
+        st = await request(ws, '{"op":"status"}')
+        assert st["frames_seen"] == 1 and st["frames_pending"] + st["frames_in_window"] == 1
+    await settle(chat, answer)
+
+
+async def test_invalid_unicode_gets_a_coded_error_and_the_connection_stays(server):
+    chat, answer = await bystander(server)
+    async with websockets.connect(server.url) as ws:
+        cases = [  # JSON escapes of lone UTF-16 surrogates: valid JSON text, no valid Unicode
+            (r'{"op":"open","system_prompt":"be \ud800 nice"}', "bad_field", "system_prompt"),
+            (r'{"op":"open","source":"clip\udc80.mp4"}', "bad_field", "source"),
+            (r'{"op":"open","\udfffx":1}', "bad_message", None),
+            (r'{"op":"\ud83d"}', "unknown_op", None),
+        ]
+        for payload, code, field in cases:
+            reply = await request(ws, payload)
+            assert (reply["op"], reply["code"], reply.get("field")) == ("error", code, field), payload
+        assert (await request(ws, '{"op":"open"}'))["op"] == "opened"
+        for payload, field in [(r'{"op":"ask","id":"q1","text":"what \udbff is it?"}', "text"),
+                               (r'{"op":"cancel","id":"\ud800"}', "id")]:
+            reply = await request(ws, payload)
+            assert (reply["op"], reply["code"], reply.get("field")) == ("error", "bad_field", field), payload
+        await ws.send(json.dumps({"op": "ask", "id": "ok", "text": "Still there? \U0001F600", "max_tokens": 3}))
+        ops = []
+        while not ops or ops[-1]["op"] != "done":
+            ops.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
+        assert ops[-1]["id"] == "ok"
+    await settle(chat, answer)
