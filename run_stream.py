@@ -78,7 +78,8 @@ async def cmd_serve(a) -> int:
                     max_push_fps=a.max_push_fps, max_question_chars=a.max_question_chars)
     cfg = ServeConfig(transport=a.transport, host=a.host, port=a.port, broker=a.broker, broker_port=a.broker_port,
                       mqtt_user=a.mqtt_user, mqtt_password=a.mqtt_password or os.environ.get("STREAMVZ_MQTT_PASSWORD"),
-                      mqtt_ca=a.mqtt_ca, mqtt_idle_s=a.mqtt_idle or None, mqtt_reply_prefixes=a.mqtt_reply_prefix, media_roots=a.media_root, token=a.token or os.environ.get("STREAMVZ_TOKEN"),
+                      mqtt_ca=a.mqtt_ca, mqtt_idle_s=a.mqtt_idle or None, mqtt_reply_prefixes=a.mqtt_reply_prefix,
+                      mqtt_client_id=a.mqtt_client_id, mqtt_session_expiry_s=a.mqtt_session_expiry, media_roots=a.media_root, token=a.token or os.environ.get("STREAMVZ_TOKEN"),
                       origins=a.origin, grace_s=a.grace, limits=limits)
     loop, stop = asyncio.get_running_loop(), asyncio.Event()
 
@@ -233,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mqtt-ca", help="CA certificate file: connect to the broker over TLS")
     s.add_argument("--mqtt-idle", type=float, default=600.0,
                    help="close an MQTT session after this many seconds without a message for it (0: never)")
+    s.add_argument("--mqtt-client-id", help="MQTT client id (default streamvz-server-streamvz); unique per server")
+    s.add_argument("--mqtt-session-expiry", type=int, default=300, metavar="S",
+                   help="seconds the broker keeps this server's subscriptions and queued requests while it is "
+                        "away (0: none)")
     s.add_argument("--mqtt-reply-prefix", action="append", default=[], metavar="PREFIX",
                    help="also allow MQTT response topics under PREFIX (repeatable); by default answers go only "
                         "to <prefix>/<session>/answers[/...] or .../events")

@@ -70,6 +70,10 @@ class MqttChat:
                        user: list[tuple[str, str]] | None = None):
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self.reply_topic if correlation else self.topic("events")
+        if leaf != "frames" and self.timeout:
+            # A request the server cannot take while this client still waits (the server is off
+            # the broker longer than that) expires in the broker instead of running later.
+            props.MessageExpiryInterval = max(1, int(self.timeout))
         if correlation:
             props.CorrelationData = correlation.encode()
         if user:

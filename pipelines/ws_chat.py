@@ -33,6 +33,8 @@ class ServeConfig:
     mqtt_ca: str | None = None  # CA file: connect to the broker over TLS
     mqtt_idle_s: float | None = 600.0  # MQTT sessions close after this long without a message
     mqtt_reply_prefixes: list[str] = field(default_factory=list)  # response topics allowed beyond P/S/answers
+    mqtt_client_id: str | None = None  # default streamvz-server-<prefix>
+    mqtt_session_expiry_s: int = 300  # the broker keeps requests for an absent server this long
     media_roots: list[str] = field(default_factory=list)
     token: str | None = None
     origins: list[str] | None = None
@@ -61,7 +63,9 @@ async def serve(engine, cfg: ServeConfig, ready: asyncio.Future | None = None, s
             await stack.enter_async_context(MqttServer(service, cfg.broker, cfg.broker_port, username=cfg.mqtt_user,
                                                        password=cfg.mqtt_password, tls=tls,
                                                        idle_s=cfg.mqtt_idle_s,
-                                                       reply_prefixes=tuple(cfg.mqtt_reply_prefixes)))
+                                                       reply_prefixes=tuple(cfg.mqtt_reply_prefixes),
+                                                       client_id=cfg.mqtt_client_id,
+                                                       session_expiry_s=cfg.mqtt_session_expiry_s))
             log.info("mqtt: broker %s:%d, topics streamvz/<session>/{control,frames,ask}", cfg.broker, cfg.broker_port)
         if ready is not None and not ready.done():
             ready.set_result(port)

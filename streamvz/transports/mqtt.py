@@ -36,10 +36,17 @@ class MqttServer:
 
     def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 1883, prefix: str = "streamvz",
                  username: str | None = None, password: str | None = None, tls: ssl.SSLContext | None = None,
-                 client_id: str | None = None, idle_s: float | None = 600.0, reply_prefixes: tuple[str, ...] = ()):
+                 client_id: str | None = None, idle_s: float | None = 600.0, reply_prefixes: tuple[str, ...] = (),
+                 session_expiry_s: int = 300):
         self.service, self.host, self.port, self.prefix = service, host, port, prefix
         self.topics = Topics(prefix, tuple(reply_prefixes))
-        self.username, self.password, self.tls, self.client_id = username, password, tls, client_id
+        self.username, self.password, self.tls = username, password, tls
+        # A stable client id and a broker session that outlives a disconnect: QoS 1 requests
+        # published while the server is off the broker (restarting, reconnecting) wait there
+        # for up to `session_expiry_s` and are answered when it is back. Two servers sharing a
+        # broker and prefix need distinct ids.
+        self.client_id = client_id or f"streamvz-server-{prefix}"
+        self.session_expiry_s = session_expiry_s
         self.idle_s = idle_s  # close a session after this long without a message for it (None: never)
         self.client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()  # set while subscribed (tests and the CLI wait on it)
@@ -74,9 +81,12 @@ class MqttServer:
         delay = 0.2
         while True:
             try:
+                connect = Properties(PacketTypes.CONNECT)
+                connect.SessionExpiryInterval = self.session_expiry_s
                 async with aiomqtt.Client(self.host, self.port, username=self.username, password=self.password,
                                           tls_context=self.tls, identifier=self.client_id,
-                                          protocol=aiomqtt.ProtocolVersion.V5, keepalive=10) as client:
+                                          protocol=aiomqtt.ProtocolVersion.V5, keepalive=10,
+                                          clean_start=self.session_expiry_s == 0, properties=connect) as client:
                     for leaf, qos in (("control", 1), ("frames", 0), ("ask", 1)):
                         # retainHandling=2: the broker sends no retained request on subscribe
                         # (a retained `close` or `ask` must not act again after a restart).

@@ -44,6 +44,7 @@ class Entry:
     expiry: asyncio.TimerHandle | None = None
     t0: float = field(default_factory=time.monotonic)  # stamps frames that come without `t`
     last_active: float = field(default_factory=time.monotonic)  # last message from a client
+    closing: str | None = None  # why its running asks end: "cancelled" (client close) or "shutdown"
 
     def emit(self, op: str, **fields) -> Awaitable[None] | None:
         return self.send(op, **fields) if self.send is not None else None
@@ -132,9 +133,11 @@ class Service:
             log.info("session %s expired after %.0fs detached", entry.id, self.grace_s)
             await self.close(entry)
 
-    async def close(self, entry: Entry) -> None:
+    async def close(self, entry: Entry, reason: str = "cancelled") -> None:
+        """Close a session; each running ask still ends with `done` (finish_reason `reason`)."""
         if self.entries.pop(entry.id, None) is None:
             return
+        entry.closing = reason
         if entry.expiry is not None:
             entry.expiry.cancel()
         tasks = list(entry.asks.values()) + ([entry.source_task] if entry.source_task else [])
@@ -144,7 +147,8 @@ class Service:
         await entry.session.close()
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(self.close(e) for e in list(self.entries.values())), return_exceptions=True)
+        """Server shutdown: every answer in flight ends with `done` (finish_reason "shutdown")."""
+        await asyncio.gather(*(self.close(e, "shutdown") for e in list(self.entries.values())), return_exceptions=True)
 
     def status(self, entry: Entry) -> dict:
         stats = dict(entry.session.stats())
@@ -241,12 +245,12 @@ class Service:
         except asyncio.CancelledError:
             if answer is not None:
                 answer.cancel()
-            if rid not in entry.cancelled:
-                raise  # shutdown, not a client's cancel
+            reason = "cancelled" if rid in entry.cancelled else entry.closing
+            if reason is None:
+                raise  # not ours to report (the event loop itself is going away)
             usage = dict(getattr(answer, "usage", None) or {}) if answer is not None else {}
-            usage.update(finish_reason="cancelled", deltas=seq, wall_s=time.monotonic() - t_start)
-            if entry.send is not None:  # a client's cancel; a detached client gets nothing
-                await _maybe(send("done", id=rid, usage=usage))
+            usage.update(finish_reason=reason, deltas=seq, wall_s=time.monotonic() - t_start)
+            await _maybe(send("done", id=rid, usage=usage))  # to a detached client this fails quietly
         except PeerGone:
             if answer is not None:
                 answer.cancel()
