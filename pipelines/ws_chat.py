@@ -36,6 +36,7 @@ class ServeConfig:
     mqtt_client_id: str | None = None  # default streamvz-server-<prefix>
     mqtt_session_expiry_s: int = 300  # the broker keeps requests for an absent server this long
     media_roots: list[str] = field(default_factory=list)
+    allow_private_sources: bool = False  # let clients name sources on loopback/private networks
     token: str | None = None
     origins: list[str] | None = None
     grace_s: float = 30.0
@@ -48,7 +49,8 @@ async def serve(engine, cfg: ServeConfig, ready: asyncio.Future | None = None, s
     from streamvz.transports.mqtt import MqttServer
     from streamvz.transports.ws import WsServer
 
-    service = Service(engine, cfg.limits, SourcePolicy(roots=[Path(r) for r in cfg.media_roots]),
+    service = Service(engine, cfg.limits, SourcePolicy(roots=[Path(r) for r in cfg.media_roots],
+                                                       allow_private=cfg.allow_private_sources),
                       grace_s=cfg.grace_s, realtime_files=cfg.realtime_files)
     stop = stop or asyncio.Event()
     async with AsyncExitStack() as stack:

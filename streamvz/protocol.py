@@ -150,6 +150,7 @@ _ID = _str(64, REQUEST_ID_RE)
 SCHEMA: dict[str, dict[str, tuple]] = {
     "open": {
         "session": (_str(64, SESSION_ID_RE), False),  # resume this session instead of a new one
+        "resume": (_str(64), False),  # with `session`: the secret `opened` gave the session's owner
         "source": (_str(2048), False),  # server-side source: URL or a file under allowed roots
         "fps": (_number(0.01, 60.0), False),
         "system_prompt": (_str(4000, allow_empty=True), False),

@@ -233,3 +233,30 @@ async def test_user_properties_and_unicode_are_checked_and_errors_name_the_field
         assert (await victim.status())["frames_seen"] == 1
     finally:
         await victim.__aexit__(None, None, None)
+
+
+async def test_one_transport_cannot_drive_the_others_sessions(tiny_llava, broker):  # noqa: F811
+    from clients.ws_chat import WsChat
+
+    srv = ServerThread(tiny_llava, broker_port=broker.port, limits=LIMITS, mqtt_kwargs=dict(prefix="both")).start()
+    try:
+        async with WsChat(srv.url) as web, MqttChat("127.0.0.1", broker.port, session="mq", prefix="both",
+                                                    timeout=30) as mq:
+            sid = (await web.open())["session"]
+            await web.push(pattern_frame(1))
+            await mq.open()
+            async with Raw(broker.port, f"both/{sid}/events", f"both/{sid}/answers") as raw:
+                await raw.publish(f"both/{sid}/ask", b'{"text":"hijack?"}')
+                assert (await raw.next())[2]["code"] == "unknown_session"
+                await raw.publish(f"both/{sid}/control", b'{"op":"close"}')
+                assert (await raw.next())[2]["code"] == "unknown_session"
+                await raw.publish(f"both/{sid}/control", b'{"op":"open"}')
+                assert (await raw.next())[2]["code"] == "session_exists"
+            async with WsChat(srv.url) as other:
+                with pytest.raises(StreamError) as ei:
+                    await other.open(session="mq", resume="guess")
+                assert ei.value.code == "unknown_session"
+            assert (await web.status())["frames_seen"] == 1  # untouched
+            assert await mq.ask("Mine still?", max_tokens=2).result()
+    finally:
+        srv.stop()

@@ -12,6 +12,7 @@ from PIL import Image
 
 from clients.ws_chat import WsChat
 from fixtures_serve import ServerThread
+from streamvz.errors import StreamError
 from streamvz.protocol import Limits
 from test_images import claims
 from videos import pattern_frame
@@ -62,9 +63,12 @@ async def test_amplifying_frames_are_refused_with_their_codes(server):
             reply = await request(ws, payload)
             assert (reply["op"], reply["code"]) == ("error", code)
         await ws.send(encode(Image.new("RGB", (40, 3), (255, 0, 0))))  # 3 rows high: a fine frame
-        await asyncio.sleep(0.5)
-        st = await request(ws, '{"op":"status"}')
-        assert st["frames_seen"] == 1 and st["frames_pending"] + st["frames_in_window"] == 1
+        for _ in range(100):  # (a frame being encoded is neither pending nor in the window yet)
+            st = await request(ws, '{"op":"status"}')
+            if st["frames_in_window"]:
+                break
+            await asyncio.sleep(0.1)
+        assert st["frames_seen"] == 1 and st["frames_in_window"] == 1, st
     await settle(chat, answer)
 
 
@@ -91,3 +95,68 @@ async def test_invalid_unicode_gets_a_coded_error_and_the_connection_stays(serve
             ops.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
         assert ops[-1]["id"] == "ok"
     await settle(chat, answer)
+
+
+async def test_sources_on_private_networks_are_refused_by_default(server):
+    chat, answer = await bystander(server)
+    async with websockets.connect(server.url) as ws:
+        for source in ["http://127.0.0.1:9/x.ts", f"http://127.0.0.1:{server.port}/", "http://localhost/live",
+                       "http://2130706433/x.ts", "http://127.1/x.ts", "http://[::1]/x", "http://[::ffff:127.0.0.1]/x",
+                       "rtsp://10.1.2.3/cam", "rtsp://192.168.0.10:554/s", "http://169.254.169.254/latest/meta-data/",
+                       "rtmp://0.0.0.0/live"]:
+            reply = await request(ws, json.dumps({"op": "open", "source": source}))
+            assert (reply["op"], reply["code"]) == ("error", "source_not_allowed"), source
+            assert "--allow-private-sources" in reply["message"]
+    assert all(e.source is None for e in list(server.service.entries.values()))  # none was opened
+    await settle(chat, answer)
+
+
+async def test_source_errors_do_not_tell_what_answers_on_a_port(tiny_llava):
+    """With private sources allowed (--allow-private-sources), a closed port and a port where
+    something that is no video answers fail alike."""
+    from fixtures_serve import free_port
+
+    srv = ServerThread(tiny_llava, limits=LIMITS, allow_private_sources=True).start()
+    try:
+        errors = []
+        for source in [f"http://127.0.0.1:{free_port()}/cam.ts", f"http://127.0.0.1:{srv.port}/"]:
+            async with WsChat(srv.url) as chat:
+                await chat.open(source=source, fps=1)
+                while True:
+                    msg = await asyncio.wait_for(chat.events.get(), 60)
+                    assert msg["op"] != "status" or "reason" not in msg, msg  # no connection details
+                    if msg["op"] == "error":
+                        errors.append((msg["code"], msg["message"]))
+                        break
+        assert errors[0] == errors[1] and errors[0][0] == "unreachable_url", errors
+    finally:
+        srv.stop()
+
+
+async def test_lists_need_the_token_and_resuming_needs_the_owners_secret(tiny_llava):
+    import urllib.error
+    import urllib.request
+
+    srv = ServerThread(tiny_llava, limits=LIMITS, token="s3cret", grace_s=10).start()
+    try:
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(f"{srv.http}/api/videos", timeout=10)
+        assert ei.value.code == 401
+        req = urllib.request.Request(f"{srv.http}/api/videos", headers={"Authorization": "Bearer s3cret"})
+        assert json.loads(urllib.request.urlopen(req, timeout=10).read()) == []
+        assert urllib.request.urlopen(f"{srv.http}/api/videos?token=s3cret", timeout=10).status == 200
+
+        async with WsChat(srv.url, token="s3cret") as owner:
+            opened = await owner.open()
+            sid, secret = opened["session"], opened["resume"]
+            assert secret and len(secret) >= 16
+            await owner.push(pattern_frame(1))
+        async with WsChat(srv.url, token="s3cret") as other:  # knows the id (a log, a shoulder) but not the secret
+            for resume in (None, "wrong", secret[:-1]):
+                with pytest.raises(StreamError) as ei:
+                    await other.open(session=sid, resume=resume)
+                assert ei.value.code == "unknown_session"
+            resumed = await other.open(session=sid, resume=secret)
+            assert resumed["resumed"] is True and resumed["frames_seen"] == 1
+    finally:
+        srv.stop()

@@ -151,7 +151,7 @@ class MqttServer:
             send = self._sender(self.topics.reply(reply_topic, sid, default), correlation)
             payload = message.payload if isinstance(message.payload, (bytes, bytearray)) else str(message.payload).encode()
             if leaf == "frames":
-                entry = self.service.get(sid)
+                entry = self.service.get(sid, "mqtt")
                 t = _user_property(props, "t")
                 await self.service.frame(entry, bytes(payload), protocol.frame_time(t) if t is not None else None)
             elif leaf == "ask":
@@ -159,7 +159,7 @@ class MqttServer:
                 if msg["op"] != "ask":
                     raise StreamError("unknown_op", "the ask topic takes only `ask`")
                 rid = msg["id"]
-                self.service.ask(self.service.get(sid), msg, send)
+                self.service.ask(self.service.get(sid, "mqtt"), msg, send)
             else:
                 msg = self._parse(payload)
                 rid = msg.get("id")
@@ -196,24 +196,26 @@ class MqttServer:
             if "source" in msg:  # checked even on a re-open, so a bad path is never silently ignored
                 self.service.sources.check(msg["source"])
             resumed = sid in self.service.entries
+            if resumed and self.service.entries[sid].transport != "mqtt":  # another transport's session
+                raise StreamError("session_exists", f"session {sid!r} exists on another transport")
             if resumed:
-                entry = self.service.get(sid)
+                entry = self.service.get(sid, "mqtt")
             else:
                 events = self._sender(self.topics.events(sid), None)
                 # Over MQTT the broker's ACLs decide who may publish to a session's topics, so
                 # the per-client cap is per session topic; the server-wide cap still holds.
                 entry = await self.service.open({k: v for k, v in msg.items() if k != "session"}, f"mqtt:{sid}",
-                                                events, session_id=sid)
+                                                events, session_id=sid, transport="mqtt")
             await send("opened", session=sid, resumed=resumed, limits=self.service.limits.public(),
                        **self.service.status(entry))
             self.service.start(entry)
         elif op == "status":
-            entry = self.service.get(sid)
+            entry = self.service.get(sid, "mqtt")
             await send("status", session=sid, **self.service.status(entry))
         elif op == "cancel":
-            self.service.cancel(self.service.get(sid), msg["id"])
+            self.service.cancel(self.service.get(sid, "mqtt"), msg["id"])
         elif op == "close":
-            await self.service.close(self.service.get(sid))
+            await self.service.close(self.service.get(sid, "mqtt"))
             await send("closed", session=sid)
         else:
             raise StreamError("unknown_op", f"the control topic takes open/status/cancel/close, not {op!r}")

@@ -2,15 +2,24 @@
 
 A client never names an arbitrary file: a server-side source is a URL with an allowed
 scheme, or a path that resolves (symlinks followed) inside one of the configured roots.
+Nor an arbitrary host: unless the operator allows it (`allow_private`), a URL whose host is
+or resolves to a loopback, private, link-local or otherwise non-public address is refused,
+and so is an HTTP redirect to one -- else a client could make the server probe its own
+network (SSRF). The check resolves the name once; a DNS answer that changes between the
+check and the connection (rebinding) is not caught here: firewall the server for that.
 """
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
+import socket
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from streamvz.errors import StreamError
 
@@ -21,6 +30,7 @@ NETWORK_SCHEMES = ("http", "https", "rtsp", "rtsps", "rtmp")
 class SourcePolicy:
     roots: list[Path] = field(default_factory=list)  # files a client may open live under these
     schemes: tuple[str, ...] = NETWORK_SCHEMES
+    allow_private: bool = False  # allow hosts on loopback/private/link-local networks (--allow-private-sources)
 
     def check(self, source: str) -> str:
         """Client-given source -> what to open (a URL, or a resolved absolute path)."""
@@ -37,8 +47,33 @@ class SourcePolicy:
                 raise StreamError("source_not_allowed", f"scheme {scheme!r} is not allowed; allowed: {list(self.schemes)}")
             if not parts.hostname:
                 raise StreamError("source_not_allowed", "a source URL needs a host")
+            if not self.allow_private and (parts.hostname.lower() == "localhost"
+                                           or parts.hostname.lower().endswith(".localhost")):
+                raise StreamError("source_not_allowed", _PRIVATE)
+            if not self.allow_private and _literal_private(parts.hostname):
+                raise StreamError("source_not_allowed", _PRIVATE)
             return source
         return self._check_path(source)
+
+    def check_network(self, source: str, max_redirects: int = 5, timeout: float = 5.0) -> str:
+        """Blocking (run it in a thread): `check`, then resolve the URL's host and refuse
+        non-public addresses; for HTTP(S) follow redirects here, checking each hop, and
+        return the final URL (the decoder then opens that one)."""
+        source = self.check(source)
+        if self.allow_private or "://" not in source or urlsplit(source).scheme.lower() == "file":
+            return source
+        for _ in range(max_redirects + 1):
+            parts = urlsplit(source)
+            if parts.scheme.lower() not in self.schemes or not parts.hostname:
+                raise StreamError("source_not_allowed", "a redirect left the allowed schemes")
+            _check_host(parts.hostname, parts.port)
+            if parts.scheme.lower() not in ("http", "https"):
+                return source
+            target = _redirect_target(source, timeout)
+            if target is None:
+                return source
+            source = target
+        raise StreamError("unreachable_url", "the source could not be opened (too many redirects)")
 
     def _check_path(self, path: str) -> str:
         if not self.roots:
@@ -68,6 +103,53 @@ class SourcePolicy:
         return sorted(out)[:200]
 
 
+_PRIVATE = ("the source's host is on a loopback, private or link-local network; "
+            "the server opens only public hosts unless started with --allow-private-sources")
+
+
+def _non_public(addr: str) -> bool:
+    ip = ipaddress.ip_address(addr.split("%", 1)[0])  # drop an IPv6 zone id
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast
+
+
+def _literal_private(host: str) -> bool:
+    try:
+        return _non_public(host.strip("[]"))
+    except ValueError:  # a name, not an address literal
+        return False
+
+
+def _check_host(host: str, port: int | None) -> None:
+    try:
+        infos = socket.getaddrinfo(host, port or 80, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        # Said the same way as any other failure to open: no hint what the name resolves to.
+        raise StreamError("unreachable_url", "the source could not be opened") from None
+    if any(_non_public(info[4][0]) for info in infos):
+        raise StreamError("source_not_allowed", _PRIVATE)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # surface the 3xx to us instead of following it unchecked
+
+
+def _redirect_target(url: str, timeout: float) -> str | None:
+    """The Location of an HTTP redirect at `url`, or None when it answers otherwise."""
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(urllib.request.Request(url, method="GET"), timeout=timeout):
+            return None  # only the status line and headers were read
+    except urllib.error.HTTPError as e:
+        location = e.headers.get("Location") if 300 <= e.code < 400 else None
+        e.close()
+        return urljoin(url, location) if location else None
+    except (OSError, ValueError):
+        return None  # the decoder will fail on it too, with the one generic message
+
+
 class TokenBucket:
     """Frames per second cap: `rate` per second with a burst of one second's worth."""
 
@@ -93,6 +175,18 @@ class TokenBucket:
             self.last_warned = now
             return True
         return False
+
+
+def client_key(address: str) -> str:
+    """Who counts as one client for the per-client session cap. An IPv6 host usually holds a
+    whole /64 and can switch addresses inside it at will, so the /64 is the client."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else str(ip)
 
 
 def token_ok(expected: str | None, given: str | None) -> bool:

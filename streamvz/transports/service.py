@@ -9,6 +9,7 @@ sockets or topics.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import secrets
 import time
@@ -34,6 +35,8 @@ class Entry:
     session: object  # streamvz.session.Session from the engine
     client: str  # who opened it (remote address or token), for the per-client cap
     bucket: TokenBucket
+    transport: str = "ws"  # the transport that owns it: no other may drive it
+    secret: str = field(default_factory=lambda: secrets.token_urlsafe(16))  # proves a resume is the owner's
     send: Send | None = None  # None while detached (client gone, grace period running)
     source: tuple[str, float] | None = None  # (what to open, fps) for a server-side source
     source_task: asyncio.Task | None = None
@@ -61,15 +64,22 @@ class Service:
         self.entries: dict[str, Entry] = {}
 
     # --- sessions ---------------------------------------------------------------------
-    async def open(self, msg: dict, client: str, send: Send, session_id: str | None = None) -> Entry:
-        """`open`: resume msg["session"] if given, else create (with `session_id` if the transport names it)."""
+    async def open(self, msg: dict, client: str, send: Send, session_id: str | None = None,
+                   transport: str = "ws") -> Entry:
+        """`open`: resume msg["session"] if given, else create (with `session_id` if the transport names it).
+
+        Resuming needs the secret `opened` gave the session's owner (`resume`), on the same
+        transport: a session id alone, seen in a log or guessed, opens nothing."""
         if "session" in msg and session_id is None:
             entry = self.entries.get(msg["session"])
-            if entry is None:
-                raise StreamError("unknown_session", f"no session {msg['session']!r} (closed or expired)")
-            extra = set(msg) - {"op", "session"}
+            if entry is None or entry.transport != transport or not hmac.compare_digest(
+                    entry.secret.encode(), str(msg.get("resume", "")).encode()):
+                raise StreamError("unknown_session", f"no session {msg['session']!r} to resume (closed, expired, "
+                                  "or not this `resume` secret)")
+            extra = set(msg) - {"op", "session", "resume"}
             if extra:  # a resumed session keeps its source, fps and system prompt
-                raise StreamError("bad_field", f"resuming takes only `session`, not {sorted(extra)}", field=sorted(extra)[0])
+                raise StreamError("bad_field", f"resuming takes only `session` and `resume`, not {sorted(extra)}",
+                                  field=sorted(extra)[0])
             if entry.send is not None:
                 raise StreamError("session_in_use", "the session is attached to another connection")
             if entry.expiry is not None:
@@ -81,13 +91,14 @@ class Service:
             raise StreamError("too_many_sessions", f"the server holds {self.limits.max_sessions} sessions")
         if sum(e.client == client for e in self.entries.values()) >= self.limits.max_sessions_per_client:
             raise StreamError("too_many_sessions", f"at most {self.limits.max_sessions_per_client} sessions per client")
-        source = self.sources.check(msg["source"]) if "source" in msg else None
+        # Resolving the host (and following HTTP redirects, each checked) blocks: off the loop.
+        source = await asyncio.to_thread(self.sources.check_network, msg["source"]) if "source" in msg else None
         sid = session_id or secrets.token_urlsafe(12)
         kwargs = {"session_id": sid}
         if "system_prompt" in msg:
             kwargs["system_prompt"] = msg["system_prompt"]
         session = self.engine.session(**kwargs)
-        entry = Entry(sid, session, client, TokenBucket(self.limits.max_push_fps), send)
+        entry = Entry(sid, session, client, TokenBucket(self.limits.max_push_fps), transport, send=send)
         self.entries[sid] = entry
         if source is not None:
             entry.source = (source, msg.get("fps", 1.0))
@@ -100,9 +111,9 @@ class Service:
             entry.source_state = "running"
             entry.source_task = asyncio.create_task(self._pump(entry, *entry.source))
 
-    def get(self, sid: str) -> Entry:
+    def get(self, sid: str, transport: str | None = None) -> Entry:
         entry = self.entries.get(sid)
-        if entry is None:
+        if entry is None or (transport is not None and entry.transport != transport):
             raise StreamError("unknown_session", f"no session {sid!r}")
         entry.last_active = time.monotonic()
         return entry
@@ -171,12 +182,14 @@ class Service:
         return True
 
     async def _pump(self, entry: Entry, source: str, fps: float) -> None:
+        network = "://" in source
         try:
             from streamvz.sources import open_source
 
             def on_status(ev: dict) -> None:  # live sources: connected / disconnected / reconnecting / stalled
                 if ev.get("event") in ("connected", "disconnected", "reconnecting", "stalled"):
-                    fields = {k: v for k, v in ev.items() if k in ("attempt", "delay", "reason") and v is not None}
+                    keep = ("attempt", "delay") if network else ("attempt", "delay", "reason")
+                    fields = {k: v for k, v in ev.items() if k in keep and v is not None}
                     asyncio.ensure_future(_maybe(entry.emit("status", session=entry.id, event="source_" + ev["event"],
                                                             **fields, **self.status(entry))))
 
@@ -190,6 +203,10 @@ class Service:
             raise
         except StreamError as e:
             entry.source_state = "failed"
+            if network and e.code != "resolution_too_large":
+                # One code and one message for every network failure: a client must not learn
+                # from the server whether a port is open or what answers there.
+                e = StreamError("unreachable_url", "the source could not be opened or read")
             await _maybe(entry.emit("error", code=e.code, message=e.message))
         except Exception as e:  # a broken source must not take the server down
             entry.source_state = "failed"
