@@ -160,3 +160,45 @@ async def test_lists_need_the_token_and_resuming_needs_the_owners_secret(tiny_ll
             assert resumed["resumed"] is True and resumed["frames_seen"] == 1
     finally:
         srv.stop()
+
+
+async def test_a_finite_http_file_is_fetched_once_not_forever(tiny_llava, tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    from videos import write_h264
+
+    write_h264(str(tmp_path / "clip.mp4"), 10, fps=10, size=(64, 48), faststart=True)
+    gets = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):  # a plain file server: Content-Length, no chunking
+        def do_GET(self):
+            gets.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    srv = ServerThread(tiny_llava, limits=LIMITS, allow_private_sources=True).start()
+    try:
+        async with WsChat(srv.url) as chat:
+            await chat.open(source=f"http://127.0.0.1:{httpd.server_address[1]}/clip.mp4", fps=5)
+
+            async def ended():
+                while True:
+                    msg = await chat.events.get()
+                    assert msg["op"] != "error", msg
+                    if msg.get("event") == "source_ended":
+                        return
+
+            await asyncio.wait_for(ended(), 60)  # (a source re-fetching forever never ends)
+            fetched = len(gets)
+            await asyncio.sleep(3.0)  # a re-fetch loop would have come back by now (backoff starts at 0.5 s)
+            assert len(gets) == fetched <= 3, gets  # the policy's header check and the decoder's reads
+            assert (await chat.status())["source"] == "ended"
+    finally:
+        srv.stop()
+        httpd.shutdown()

@@ -136,18 +136,36 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # surface the 3xx to us instead of following it unchecked
 
 
-def _redirect_target(url: str, timeout: float) -> str | None:
-    """The Location of an HTTP redirect at `url`, or None when it answers otherwise."""
+def _http_head(url: str, timeout: float):
+    """(status, headers) of a GET at `url`, redirects not followed, body not read; None on failure."""
     opener = urllib.request.build_opener(_NoRedirect)
     try:
-        with opener.open(urllib.request.Request(url, method="GET"), timeout=timeout):
-            return None  # only the status line and headers were read
+        with opener.open(urllib.request.Request(url, method="GET"), timeout=timeout) as r:
+            return r.status, r.headers
     except urllib.error.HTTPError as e:
-        location = e.headers.get("Location") if 300 <= e.code < 400 else None
         e.close()
-        return urljoin(url, location) if location else None
+        return e.code, e.headers
     except (OSError, ValueError):
         return None  # the decoder will fail on it too, with the one generic message
+
+
+def _redirect_target(url: str, timeout: float) -> str | None:
+    """The Location of an HTTP redirect at `url`, or None when it answers otherwise."""
+    head = _http_head(url, timeout)
+    location = head[1].get("Location") if head and 300 <= head[0] < 400 else None
+    return urljoin(url, location) if location else None
+
+
+def finite_http(url: str, timeout: float = 5.0) -> bool:
+    """An HTTP(S) URL that serves a file of known length (a Content-Length, not chunked), not a
+    stream: at its end the source ends, rather than fetching the same file again forever."""
+    if not url.lower().startswith(("http://", "https://")):
+        return False
+    head = _http_head(url, timeout)
+    if head is None or head[0] != 200:
+        return False
+    headers = head[1]
+    return headers.get("Content-Length") is not None and "chunked" not in headers.get("Transfer-Encoding", "").lower()
 
 
 class TokenBucket:
