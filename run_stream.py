@@ -80,7 +80,8 @@ async def cmd_serve(a) -> int:
                       mqtt_user=a.mqtt_user, mqtt_password=a.mqtt_password or os.environ.get("STREAMVZ_MQTT_PASSWORD"),
                       mqtt_ca=a.mqtt_ca, mqtt_idle_s=a.mqtt_idle or None, mqtt_reply_prefixes=a.mqtt_reply_prefix,
                       mqtt_client_id=a.mqtt_client_id, mqtt_session_expiry_s=a.mqtt_session_expiry, media_roots=a.media_root,
-                      allow_private_sources=a.allow_private_sources, token=a.token or os.environ.get("STREAMVZ_TOKEN"),
+                      allow_private_sources=a.allow_private_sources,
+                      allow_source_networks=a.allow_source_network, token=a.token or os.environ.get("STREAMVZ_TOKEN"),
                       origins=a.origin, grace_s=a.grace, limits=limits)
     loop, stop = asyncio.get_running_loop(), asyncio.Event()
 
@@ -246,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory whose videos clients may open by relative name (repeatable); none: no files")
     s.add_argument("--allow-private-sources", action="store_true",
                    help="let clients name source URLs on loopback, private or link-local hosts (refused by default)")
+    s.add_argument("--allow-source-network", action="append", default=[], metavar="CIDR",
+                   help="let clients name sources in this non-public network only (repeatable), "
+                        "e.g. 192.168.1.0/24 for the cameras")
     s.add_argument("--token", help="require this bearer token from websocket clients (or env STREAMVZ_TOKEN)")
     s.add_argument("--origin", action="append", help="allowed Origin header for websocket clients (repeatable)")
     s.add_argument("--grace", type=float, default=30.0, help="seconds a disconnected client's session is kept")

@@ -37,6 +37,7 @@ class ServeConfig:
     mqtt_session_expiry_s: int = 300  # the broker keeps requests for an absent server this long
     media_roots: list[str] = field(default_factory=list)
     allow_private_sources: bool = False  # let clients name sources on loopback/private networks
+    allow_source_networks: list[str] = field(default_factory=list)  # or only these CIDRs
     token: str | None = None
     origins: list[str] | None = None
     grace_s: float = 30.0
@@ -50,7 +51,8 @@ async def serve(engine, cfg: ServeConfig, ready: asyncio.Future | None = None, s
     from streamvz.transports.ws import WsServer
 
     service = Service(engine, cfg.limits, SourcePolicy(roots=[Path(r) for r in cfg.media_roots],
-                                                       allow_private=cfg.allow_private_sources),
+                                                       allow_private=cfg.allow_private_sources,
+                                                       allow_networks=tuple(cfg.allow_source_networks)),
                       grace_s=cfg.grace_s, realtime_files=cfg.realtime_files)
     stop = stop or asyncio.Event()
     async with AsyncExitStack() as stack:

@@ -202,7 +202,8 @@ class ServerThread:
     def __init__(self, model: str, *, ws: bool = True, broker_port: int | None = None, limits=None,
                  media_roots=(), grace_s: float = 30.0, token: str | None = None, tokens_per_frame: int = 8,
                  realtime_files: bool = False, engine_kwargs: dict | None = None, origins: list[str] | None = None,
-                 mqtt_kwargs: dict | None = None, allow_private_sources: bool = False):
+                 mqtt_kwargs: dict | None = None, allow_private_sources: bool = False,
+                 source_networks: tuple[str, ...] = ()):
         import threading
 
         self.model, self.ws, self.broker_port = model, ws, broker_port
@@ -212,6 +213,7 @@ class ServerThread:
         self.origins = origins
         self.mqtt_kwargs = mqtt_kwargs or {}
         self.allow_private_sources = allow_private_sources  # loopback test servers as sources need it
+        self.source_networks = source_networks
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._main, daemon=True)
         self.loop = None
@@ -258,7 +260,8 @@ class ServerThread:
                         max_question_chars=limits.max_question_chars, max_new_tokens_limit=limits.max_new_tokens,
                         **self.engine_kwargs)
         self.service = Service(engine, limits, SourcePolicy(roots=[Path(r) for r in self.media_roots],
-                                                            allow_private=self.allow_private_sources),
+                                                            allow_private=self.allow_private_sources,
+                                                            allow_networks=self.source_networks),
                                grace_s=self.grace_s, realtime_files=self.realtime_files)
         async with AsyncExitStack() as stack:
             if self.ws:

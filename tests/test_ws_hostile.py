@@ -202,3 +202,47 @@ async def test_a_finite_http_file_is_fetched_once_not_forever(tiny_llava, tmp_pa
     finally:
         srv.stop()
         httpd.shutdown()
+
+
+async def test_redirects_are_checked_hop_by_hop(tiny_llava, tmp_path):
+    """Cameras on 127.0.0.1 are allowed (--allow-source-network 127.0.0.1/32); a redirect from
+    there to another loopback address is refused like a direct URL to it."""
+    import http.server
+    import threading
+
+    port_box = []
+
+    class Redirector(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            target = {"/out": "http://127.0.0.2:{p}/cam.ts", "/name": "http://2130706434:{p}/cam.ts", "/v6": "http://[::1]:{p}/cam.ts",
+                      "/in": "/cam.ts"}.get(self.path)
+            if target:
+                self.send_response(302)
+                self.send_header("Location", target.format(p=port_box[0]))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirector)
+    port_box.append(httpd.server_address[1])
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    srv = ServerThread(tiny_llava, limits=LIMITS, source_networks=("127.0.0.1/32",)).start()
+    base = f"http://127.0.0.1:{port_box[0]}"
+    try:
+        async with websockets.connect(srv.url) as ws:
+            for path in ("/out", "/name", "/v6"):
+                reply = await request(ws, json.dumps({"op": "open", "source": base + path}))
+                assert (reply["op"], reply["code"]) == ("error", "source_not_allowed"), path
+            reply = await request(ws, json.dumps({"op": "open", "source": f"http://127.0.0.2:{port_box[0]}/x"}))
+            assert reply["code"] == "source_not_allowed"
+            reply = await request(ws, json.dumps({"op": "open", "source": base + "/in"}))  # stays allowed
+            assert reply["op"] == "opened"
+    finally:
+        srv.stop()
+        httpd.shutdown()

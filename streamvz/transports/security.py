@@ -2,7 +2,8 @@
 
 A client never names an arbitrary file: a server-side source is a URL with an allowed
 scheme, or a path that resolves (symlinks followed) inside one of the configured roots.
-Nor an arbitrary host: unless the operator allows it (`allow_private`), a URL whose host is
+Nor an arbitrary host: unless the operator allows it (`allow_private`, or the networks in
+`allow_networks`, e.g. the camera LAN but not the cloud metadata address), a URL whose host is
 or resolves to a loopback, private, link-local or otherwise non-public address is refused,
 and so is an HTTP redirect to one -- else a client could make the server probe its own
 network (SSRF). The check resolves the name once; a DNS answer that changes between the
@@ -31,6 +32,7 @@ class SourcePolicy:
     roots: list[Path] = field(default_factory=list)  # files a client may open live under these
     schemes: tuple[str, ...] = NETWORK_SCHEMES
     allow_private: bool = False  # allow hosts on loopback/private/link-local networks (--allow-private-sources)
+    allow_networks: tuple[str, ...] = ()  # CIDRs allowed although not public (--allow-source-network)
 
     def check(self, source: str) -> str:
         """Client-given source -> what to open (a URL, or a resolved absolute path)."""
@@ -47,10 +49,11 @@ class SourcePolicy:
                 raise StreamError("source_not_allowed", f"scheme {scheme!r} is not allowed; allowed: {list(self.schemes)}")
             if not parts.hostname:
                 raise StreamError("source_not_allowed", "a source URL needs a host")
-            if not self.allow_private and (parts.hostname.lower() == "localhost"
-                                           or parts.hostname.lower().endswith(".localhost")):
+            host = parts.hostname.lower()
+            if not self.allow_private and not self.allow_networks and (host == "localhost"
+                                                                       or host.endswith(".localhost")):
                 raise StreamError("source_not_allowed", _PRIVATE)
-            if not self.allow_private and _literal_private(parts.hostname):
+            if _is_address(host) and not self._allowed(host):
                 raise StreamError("source_not_allowed", _PRIVATE)
             return source
         return self._check_path(source)
@@ -66,7 +69,7 @@ class SourcePolicy:
             parts = urlsplit(source)
             if parts.scheme.lower() not in self.schemes or not parts.hostname:
                 raise StreamError("source_not_allowed", "a redirect left the allowed schemes")
-            _check_host(parts.hostname, parts.port)
+            self._check_host(parts.hostname, parts.port)
             if parts.scheme.lower() not in ("http", "https"):
                 return source
             target = _redirect_target(source, timeout)
@@ -74,6 +77,21 @@ class SourcePolicy:
                 return source
             source = target
         raise StreamError("unreachable_url", "the source could not be opened (too many redirects)")
+
+    def _allowed(self, addr: str) -> bool:
+        if self.allow_private:
+            return True
+        ip = _ip(addr)
+        return not _non_public(ip) or any(ip in ipaddress.ip_network(n, strict=False) for n in self.allow_networks)
+
+    def _check_host(self, host: str, port: int | None) -> None:
+        try:
+            infos = socket.getaddrinfo(host, port or 80, proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError):
+            # Said the same way as any other failure to open: no hint what the name resolves to.
+            raise StreamError("unreachable_url", "the source could not be opened") from None
+        if not all(self._allowed(info[4][0]) for info in infos):
+            raise StreamError("source_not_allowed", _PRIVATE)
 
     def _check_path(self, path: str) -> str:
         if not self.roots:
@@ -107,28 +125,23 @@ _PRIVATE = ("the source's host is on a loopback, private or link-local network; 
             "the server opens only public hosts unless started with --allow-private-sources")
 
 
-def _non_public(addr: str) -> bool:
-    ip = ipaddress.ip_address(addr.split("%", 1)[0])  # drop an IPv6 zone id
+def _ip(addr: str):
+    ip = ipaddress.ip_address(addr.strip("[]").split("%", 1)[0])  # drop an IPv6 zone id
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
+    return ip
+
+
+def _non_public(ip) -> bool:
     return not ip.is_global or ip.is_multicast
 
 
-def _literal_private(host: str) -> bool:
+def _is_address(host: str) -> bool:
     try:
-        return _non_public(host.strip("[]"))
+        _ip(host)
+        return True
     except ValueError:  # a name, not an address literal
         return False
-
-
-def _check_host(host: str, port: int | None) -> None:
-    try:
-        infos = socket.getaddrinfo(host, port or 80, proto=socket.IPPROTO_TCP)
-    except (OSError, UnicodeError):
-        # Said the same way as any other failure to open: no hint what the name resolves to.
-        raise StreamError("unreachable_url", "the source could not be opened") from None
-    if any(_non_public(info[4][0]) for info in infos):
-        raise StreamError("source_not_allowed", _PRIVATE)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
