@@ -235,14 +235,20 @@ async def test_redirects_are_checked_hop_by_hop(tiny_llava, tmp_path):
     srv = ServerThread(tiny_llava, limits=LIMITS, source_networks=("127.0.0.1/32",)).start()
     base = f"http://127.0.0.1:{port_box[0]}"
     try:
-        async with websockets.connect(srv.url) as ws:
-            for path in ("/out", "/name", "/v6"):
-                reply = await request(ws, json.dumps({"op": "open", "source": base + path}))
-                assert (reply["op"], reply["code"]) == ("error", "source_not_allowed"), path
+        async with websockets.connect(srv.url) as ws:  # an address literal is refused at once
             reply = await request(ws, json.dumps({"op": "open", "source": f"http://127.0.0.2:{port_box[0]}/x"}))
             assert reply["code"] == "source_not_allowed"
-            reply = await request(ws, json.dumps({"op": "open", "source": base + "/in"}))  # stays allowed
-            assert reply["op"] == "opened"
+        for path in ("/out", "/name", "/v6"):  # hops are checked when the source starts, after `opened`
+            async with WsChat(srv.url) as chat:
+                await chat.open(source=base + path)
+                with pytest.raises(StreamError) as ei:
+                    await chat.expect("never")
+                assert ei.value.code == "source_not_allowed", path
+        async with WsChat(srv.url) as chat:  # a redirect that stays inside the allowed network is followed
+            await chat.open(source=base + "/in")
+            with pytest.raises(StreamError) as ei:
+                await chat.expect("never")
+            assert ei.value.code == "unreachable_url"  # (404 there: no camera, but not refused)
     finally:
         srv.stop()
         httpd.shutdown()

@@ -59,7 +59,8 @@ class SourcePolicy:
         return self._check_path(source)
 
     def check_network(self, source: str, max_redirects: int = 5, timeout: float = 5.0) -> str:
-        """Blocking (run it in a thread): `check`, then resolve the URL's host and refuse
+        """Blocking (the service runs it on a thread, when the source starts, so a slow DNS
+        answer holds up no transport): `check`, then resolve the URL's host and refuse
         non-public addresses; for HTTP(S) follow redirects here, checking each hop, and
         return the final URL (the decoder then opens that one)."""
         source = self.check(source)
@@ -81,7 +82,10 @@ class SourcePolicy:
     def _allowed(self, addr: str) -> bool:
         if self.allow_private:
             return True
-        ip = _ip(addr)
+        try:
+            ip = _ip(addr)
+        except ValueError:
+            ip = ipaddress.IPv4Address(socket.inet_aton(addr))
         return not _non_public(ip) or any(ip in ipaddress.ip_network(n, strict=False) for n in self.allow_networks)
 
     def _check_host(self, host: str, port: int | None) -> None:
@@ -137,10 +141,17 @@ def _non_public(ip) -> bool:
 
 
 def _is_address(host: str) -> bool:
+    """An address literal, including the legacy IPv4 forms resolvers take (127.1, 2130706433,
+    0x7f000001, 017700000001): those are refused at `open`, without any DNS."""
     try:
         _ip(host)
         return True
-    except ValueError:  # a name, not an address literal
+    except ValueError:  # a name, or a legacy form
+        pass
+    try:
+        socket.inet_aton(host)
+        return True
+    except OSError:
         return False
 
 

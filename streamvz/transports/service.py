@@ -91,8 +91,7 @@ class Service:
             raise StreamError("too_many_sessions", f"the server holds {self.limits.max_sessions} sessions")
         if sum(e.client == client for e in self.entries.values()) >= self.limits.max_sessions_per_client:
             raise StreamError("too_many_sessions", f"at most {self.limits.max_sessions_per_client} sessions per client")
-        # Resolving the host (and following HTTP redirects, each checked) blocks: off the loop.
-        source = await asyncio.to_thread(self.sources.check_network, msg["source"]) if "source" in msg else None
+        source = self.sources.check(msg["source"]) if "source" in msg else None  # names resolve in _pump
         sid = session_id or secrets.token_urlsafe(12)
         kwargs = {"session_id": sid}
         if "system_prompt" in msg:
@@ -193,6 +192,9 @@ class Service:
                     asyncio.ensure_future(_maybe(entry.emit("status", session=entry.id, event="source_" + ev["event"],
                                                             **fields, **self.status(entry))))
 
+            # Resolve the host, follow HTTP redirects (each hop checked): on a thread, after
+            # `opened`, so that a slow name server holds up neither this transport nor others.
+            source = await asyncio.to_thread(self.sources.check_network, source)
             # A finite HTTP file ends at its end; only a stream is reconnected to.
             once = {"reconnect": False} if await asyncio.to_thread(finite_http, source) else {}
             async with open_source(source, fps=fps, realtime=self.realtime_files and "://" not in source,
@@ -205,7 +207,7 @@ class Service:
             raise
         except StreamError as e:
             entry.source_state = "failed"
-            if network and e.code != "resolution_too_large":
+            if network and e.code not in ("resolution_too_large", "source_not_allowed"):
                 # One code and one message for every network failure: a client must not learn
                 # from the server whether a port is open or what answers there.
                 e = StreamError("unreachable_url", "the source could not be opened or read")
