@@ -205,7 +205,7 @@ async def test_acl_example_keeps_clients_in_their_own_session(tiny_llava):
 
 
 async def test_user_properties_and_unicode_are_checked_and_errors_name_the_field(server, broker):  # noqa: F811
-    victim = await _bystander(broker.port)
+    victim = await _bystander(broker.port, session="victim2")
     try:
         async with MqttChat("127.0.0.1", broker.port, timeout=30, session="badt") as bad:
             await bad.open()

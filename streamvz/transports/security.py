@@ -180,18 +180,6 @@ def _redirect_target(url: str, timeout: float) -> str | None:
     return urljoin(url, location) if location else None
 
 
-def finite_http(url: str, timeout: float = 5.0) -> bool:
-    """An HTTP(S) URL that serves a file of known length (a Content-Length, not chunked), not a
-    stream: at its end the source ends, rather than fetching the same file again forever."""
-    if not url.lower().startswith(("http://", "https://")):
-        return False
-    head = _http_head(url, timeout)
-    if head is None or head[0] != 200:
-        return False
-    headers = head[1]
-    return headers.get("Content-Length") is not None and "chunked" not in headers.get("Transfer-Encoding", "").lower()
-
-
 class TokenBucket:
     """Frames per second cap: `rate` per second with a burst of one second's worth."""
 

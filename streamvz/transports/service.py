@@ -19,7 +19,7 @@ from typing import Awaitable, Callable
 from streamvz import protocol
 from streamvz.errors import StreamError
 from streamvz.protocol import Limits
-from streamvz.transports.security import SourcePolicy, TokenBucket, finite_http
+from streamvz.transports.security import SourcePolicy, TokenBucket
 
 log = logging.getLogger("streamvz.serve")
 Send = Callable[..., Awaitable[None]]  # send(op, **fields)
@@ -195,10 +195,8 @@ class Service:
             # Resolve the host, follow HTTP redirects (each hop checked): on a thread, after
             # `opened`, so that a slow name server holds up neither this transport nor others.
             source = await asyncio.to_thread(self.sources.check_network, source)
-            # A finite HTTP file ends at its end; only a stream is reconnected to.
-            once = {"reconnect": False} if await asyncio.to_thread(finite_http, source) else {}
             async with open_source(source, fps=fps, realtime=self.realtime_files and "://" not in source,
-                                   on_status=on_status, **once) as src:
+                                   on_status=on_status) as src:
                 async for frame in src:
                     await entry.session.add_frame(frame.image, t=frame.t)
             entry.source_state = "ended"
