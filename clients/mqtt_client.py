@@ -82,7 +82,11 @@ class MqttChat:
 
     async def expect(self, *ops: str) -> dict:
         while True:
-            msg = await asyncio.wait_for(self.events.get(), self.timeout)
+            try:
+                msg = await asyncio.wait_for(self.events.get(), self.timeout)
+            except TimeoutError:
+                raise StreamError("request_expired", f"no reply within {self.timeout:g} s: the server is away, "
+                                  "and the request expires in the broker") from None
             if msg["op"] == "error":
                 raise StreamError(msg["code"], msg["message"])
             if msg["op"] in ops:

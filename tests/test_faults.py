@@ -73,3 +73,26 @@ async def test_requests_sent_while_the_server_is_off_the_broker_are_answered(tin
             assert await answer.result() and answer.usage["finish_reason"] in ("stop", "length")
         finally:
             await asyncio.to_thread(srv.stop)
+
+
+async def test_requests_the_client_gave_up_on_expire_and_never_run(tiny_llava, broker):  # noqa: F811
+    limits = dict(ws=False, broker_port=broker.port, mqtt_kwargs=dict(prefix="gone"))
+    ServerThread(tiny_llava, **limits).start().stop()
+    async with MqttChat("127.0.0.1", broker.port, session="stale", prefix="gone", timeout=2) as chat:
+        with pytest.raises(StreamError) as ei:
+            await chat.open()
+        assert ei.value.code == "request_expired"
+        answer = chat.ask("Too late?", max_tokens=3)
+        with pytest.raises(StreamError) as ei:
+            await answer.result()
+        assert ei.value.code == "request_expired"
+    await asyncio.sleep(1.0)  # past the requests' 2 s message expiry
+    srv = await asyncio.to_thread(lambda: ServerThread(tiny_llava, **limits).start())
+    try:
+        await asyncio.sleep(1.0)
+
+        async def ids():
+            return set(srv.service.entries)
+        assert srv.call(ids) == set()  # the stale `open` expired in the broker: it never ran
+    finally:
+        await asyncio.to_thread(srv.stop)

@@ -87,6 +87,8 @@ class Service:
                 entry.expiry = None
             entry.send = send
             return entry
+        if "resume" in msg:  # without `session` it would be silently ignored
+            raise StreamError("bad_field", "`resume` goes with `session` (resuming a websocket session)", field="resume")
         if len(self.entries) >= self.limits.max_sessions:
             raise StreamError("too_many_sessions", f"the server holds {self.limits.max_sessions} sessions")
         if sum(e.client == client for e in self.entries.values()) >= self.limits.max_sessions_per_client:
