@@ -91,7 +91,10 @@ async def cmd_serve(a) -> int:
                     max_push_fps=a.max_push_fps, max_question_chars=a.max_question_chars)
     cfg = ServeConfig(transport=a.transport, host=a.host, port=a.port, broker=a.broker, broker_port=a.broker_port,
                       mqtt_user=a.mqtt_user, mqtt_password=a.mqtt_password or os.environ.get("STREAMVZ_MQTT_PASSWORD"),
-                      mqtt_ca=a.mqtt_ca, mqtt_idle_s=a.mqtt_idle or None, media_roots=a.media_root, token=a.token or os.environ.get("STREAMVZ_TOKEN"),
+                      mqtt_ca=a.mqtt_ca, mqtt_idle_s=a.mqtt_idle or None, mqtt_reply_prefixes=a.mqtt_reply_prefix,
+                      mqtt_client_id=a.mqtt_client_id, mqtt_session_expiry_s=a.mqtt_session_expiry, media_roots=a.media_root,
+                      allow_private_sources=a.allow_private_sources,
+                      allow_source_networks=a.allow_source_network, token=a.token or os.environ.get("STREAMVZ_TOKEN"),
                       origins=a.origin, grace_s=a.grace, limits=limits, group=a.group, worker_id=a.worker_id,
                       keepalive=a.keepalive, backend=broker_address(a.backend, 1883) if a.backend else None)
     loop, stop = asyncio.get_running_loop(), asyncio.Event()
@@ -311,8 +314,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mqtt-ca", help="CA certificate file: connect to the broker over TLS")
     s.add_argument("--mqtt-idle", type=float, default=600.0,
                    help="close an MQTT session after this many seconds without a message for it (0: never)")
+    s.add_argument("--mqtt-client-id", help="MQTT client id (default streamvz-server-streamvz); unique per server")
+    s.add_argument("--mqtt-session-expiry", type=int, default=300, metavar="S",
+                   help="seconds the broker keeps this server's subscriptions and queued requests while it is "
+                        "away (0: none)")
+    s.add_argument("--mqtt-reply-prefix", action="append", default=[], metavar="PREFIX",
+                   help="also allow MQTT response topics under PREFIX (repeatable); by default answers go only "
+                        "to <prefix>/<session>/answers[/...] or .../events")
     s.add_argument("--media-root", action="append", default=[],
                    help="directory whose videos clients may open by relative name (repeatable); none: no files")
+    s.add_argument("--allow-private-sources", action="store_true",
+                   help="let clients name source URLs on loopback, private or link-local hosts (refused by default)")
+    s.add_argument("--allow-source-network", action="append", default=[], metavar="CIDR",
+                   help="let clients name sources in this non-public network only (repeatable), "
+                        "e.g. 192.168.1.0/24 for the cameras")
     s.add_argument("--token", help="require this bearer token from websocket clients (or env STREAMVZ_TOKEN)")
     s.add_argument("--origin", action="append", help="allowed Origin header for websocket clients (repeatable)")
     s.add_argument("--grace", type=float, default=30.0, help="seconds a disconnected client's session is kept")
@@ -338,9 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-push-fps", type=float, default=30.0, help="frames/s a client may push to a session")
     w.add_argument("--max-question-chars", type=int, default=DEFAULTS.max_question_chars,
                    help="longest question accepted")
+    w.add_argument("--allow-private-sources", action="store_true",
+                   help="let clients open server-side sources on loopback/private/link-local hosts")
+    w.add_argument("--mqtt-reply-prefix", action="append", default=[], metavar="PREFIX",
+                   help="also allow response topics under PREFIX (repeatable)")
     pool_args(w, "streamvz")
     w.set_defaults(transport="mqtt", host="127.0.0.1", port=0, broker_port=1883, token=None, origin=None, grace=30.0,
-                   sessions_per_client=4, backend=None)
+                   sessions_per_client=4, backend=None, mqtt_client_id=None, mqtt_session_expiry=300,
+                   allow_source_network=[])
 
     an = sub.add_parser("analyze", help="analyse a video file: answers and a timestamped summary (JSON + Markdown)",
                         description="Walk VIDEO at --fps, write a timeline summary every --summary-every seconds "

@@ -33,7 +33,12 @@ class Answer:
             if expected in self._held:
                 msg = self._held.pop(expected)
             else:
-                msg = await asyncio.wait_for(self.queue.get(), self.chat.timeout)
+                try:
+                    msg = await asyncio.wait_for(self.queue.get(), self.chat.timeout)
+                except TimeoutError:  # told as an error, like every other way an answer can fail
+                    self.chat._answers.pop(self.id, None)
+                    raise StreamError("request_expired", f"no answer within {self.chat.timeout:g} s: the server "
+                                      "is away, and the request expires in the broker") from None
             if msg["op"] == "token":
                 if self.reorder and msg["seq"] != expected:
                     self._held[msg["seq"]] = msg

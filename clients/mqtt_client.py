@@ -83,6 +83,10 @@ class MqttChat:
                        user: list[tuple[str, str]] | None = None):
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self.reply_topic if correlation else self.topic("events")
+        if leaf != "frames" and self.timeout:
+            # A request the server cannot take while this client still waits (the server is off
+            # the broker longer than that) expires in the broker instead of running later.
+            props.MessageExpiryInterval = max(1, int(self.timeout))
         if correlation:
             props.CorrelationData = correlation.encode()
         if user:
@@ -91,7 +95,11 @@ class MqttChat:
 
     async def expect(self, *ops: str) -> dict:
         while True:
-            msg = await asyncio.wait_for(self.events.get(), self.timeout)
+            try:
+                msg = await asyncio.wait_for(self.events.get(), self.timeout)
+            except TimeoutError:
+                raise StreamError("request_expired", f"no reply within {self.timeout:g} s: the server is away, "
+                                  "and the request expires in the broker") from None
             if msg["op"] == "error":
                 raise StreamError(msg["code"], msg["message"])
             if msg["op"] in ops:

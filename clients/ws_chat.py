@@ -31,6 +31,7 @@ class WsChat:
         self.url, self.token, self.max_size = url, token, max_size
         self.ws = None
         self.session: str | None = None
+        self.resume: str | None = None  # the session's resume secret (from `opened`)
         self.events: asyncio.Queue = asyncio.Queue()  # opened/status/closed/errors without a live ask
         self._answers: dict[str, Answer] = {}
         self._n = 0
@@ -78,12 +79,14 @@ class WsChat:
                 return msg
 
     async def open(self, source: str | None = None, fps: float | None = None, session: str | None = None,
-                   system_prompt: str | None = None) -> dict:
-        fields = {k: v for k, v in dict(source=source, fps=fps, session=session, system_prompt=system_prompt).items()
-                  if v is not None}
+                   system_prompt: str | None = None, resume: str | None = None) -> dict:
+        """A new session, or resume `session` with its `resume` secret (from the `opened` that
+        created it: `chat.resume`)."""
+        fields = {k: v for k, v in dict(source=source, fps=fps, session=session, system_prompt=system_prompt,
+                                        resume=resume).items() if v is not None}
         await self.send(op="open", **fields)
         opened = await self.expect("opened")
-        self.session = opened["session"]
+        self.session, self.resume = opened["session"], opened.get("resume")
         return opened
 
     async def push(self, image, t: float | None = None):
@@ -116,18 +119,21 @@ async def main(argv=None) -> int:
     g.add_argument("--video", help="a local video file: decoded here and pushed as JPEG frames")
     g.add_argument("--webcam", nargs="?", const="/dev/video0", help="a local camera device (default /dev/video0)")
     p.add_argument("--fps", type=float, default=1.0, help="frames per second to sample")
-    p.add_argument("--session", help="resume this session id")
+    p.add_argument("--session", help="resume this session id (with --resume)")
+    p.add_argument("--resume", help="the session's resume secret, printed when it was opened")
     p.add_argument("--ask", action="append", default=[], help="ask this and exit (repeatable); else interactive")
     p.add_argument("--wait", type=float, default=2.0, help="seconds to let frames arrive before --ask questions")
     p.add_argument("--max-tokens", type=int, default=None, help="longest answer (default: the server's)")
     a = p.parse_args(argv)
     async with WsChat(a.url, a.token) as chat:
         try:
-            opened = await chat.open(source=a.source, fps=a.fps if a.source else None, session=a.session)
+            opened = await chat.open(source=a.source, fps=a.fps if a.source else None, session=a.session,
+                                     resume=a.resume)
         except StreamError as e:
             print(f"error [{e.code}]: {e.message}", file=sys.stderr)
             return 2
-        print(f"session {opened['session']} ({'resumed' if opened['resumed'] else 'new'})", file=sys.stderr)
+        print(f"session {opened['session']} ({'resumed' if opened['resumed'] else 'new'}; "
+              f"resume secret {opened['resume']})", file=sys.stderr)
         pusher = None
         if a.video or a.webcam:
             pusher = asyncio.create_task(push_local(chat, a.video or a.webcam, a.fps))

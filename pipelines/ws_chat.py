@@ -32,7 +32,12 @@ class ServeConfig:
     mqtt_password: str | None = None
     mqtt_ca: str | None = None  # CA file: connect to the broker over TLS
     mqtt_idle_s: float | None = 600.0  # MQTT sessions close after this long without a message
+    mqtt_reply_prefixes: list[str] = field(default_factory=list)  # response topics allowed beyond P/S/answers
+    mqtt_client_id: str | None = None  # default streamvz-server-<prefix>
+    mqtt_session_expiry_s: int = 300  # the broker keeps requests for an absent server this long
     media_roots: list[str] = field(default_factory=list)
+    allow_private_sources: bool = False  # let clients name sources on loopback/private networks
+    allow_source_networks: list[str] = field(default_factory=list)  # or only these CIDRs
     token: str | None = None
     origins: list[str] | None = None
     grace_s: float = 30.0
@@ -76,7 +81,9 @@ async def _serve(engine, cfg: ServeConfig, ready: asyncio.Future | None, stop: a
     from streamvz.transports.pool import PoolWorker
     from streamvz.transports.ws import WsServer
 
-    service = Service(engine, cfg.limits, SourcePolicy(roots=[Path(r) for r in cfg.media_roots]),
+    service = Service(engine, cfg.limits, SourcePolicy(roots=[Path(r) for r in cfg.media_roots],
+                                                       allow_private=cfg.allow_private_sources,
+                                                       allow_networks=tuple(cfg.allow_source_networks)),
                       grace_s=cfg.grace_s, realtime_files=cfg.realtime_files)
     stop = stop or asyncio.Event()
     async with AsyncExitStack() as stack:
@@ -91,7 +98,10 @@ async def _serve(engine, cfg: ServeConfig, ready: asyncio.Future | None, stop: a
             kind, extra = (PoolWorker, {"group": cfg.group}) if cfg.group else (MqttServer, {})
             await stack.enter_async_context(kind(service, cfg.broker, cfg.broker_port, username=cfg.mqtt_user,
                                                  password=cfg.mqtt_password, tls=tls, idle_s=cfg.mqtt_idle_s,
-                                                 keepalive=cfg.keepalive, worker_id=cfg.worker_id, **extra))
+                                                 keepalive=cfg.keepalive, worker_id=cfg.worker_id,
+                                                 reply_prefixes=tuple(cfg.mqtt_reply_prefixes),
+                                                 client_id=cfg.mqtt_client_id,
+                                                 session_expiry_s=cfg.mqtt_session_expiry_s, **extra))
             log.info("mqtt: broker %s:%d, topics streamvz/<session>/{control,frames,ask}", cfg.broker, cfg.broker_port)
         if ready is not None and not ready.done():
             ready.set_result(port)

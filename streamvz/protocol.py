@@ -19,12 +19,16 @@ import numpy as np
 
 from streamvz.config import DEFAULTS
 from streamvz.errors import StreamError
+from streamvz.images import check_shape, decode_image
 
 VERSION = 1
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 FRAME_MAGIC = b"SVZ1"  # binary header: magic, u32 big-endian header length, JSON header, payload
 JPEG_MAGIC = b"\xff\xd8\xff"
+# JSON may escape a lone UTF-16 surrogate ("\ud800"); Python decodes it into a str that no
+# tokenizer, file system or UTF-8 encoder takes. Every client string is checked for one.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Stable error codes (sent verbatim to clients; docs/protocol.md explains each).
 ERROR_CODES = {
@@ -37,6 +41,7 @@ ERROR_CODES = {
     "bad_field": "a field has the wrong type or is out of range",
     "message_too_large": "a text message is over the size limit",
     "frame_too_large": "a binary frame is over the size limit (bytes or pixels)",
+    "bad_aspect_ratio": "a frame's long side is more than 16 times its short side",
     "bad_frame": "a binary message is not a JPEG (or a valid header + payload)",
     "no_session": "a session op or a frame before `open`",
     "unknown_session": "no session with this id (never opened, closed, or expired)",
@@ -49,6 +54,7 @@ ERROR_CODES = {
     "rate_limited": "frames pushed faster than allowed; extra frames are dropped",
     "source_not_allowed": "the source URL scheme or path is not allowed",
     "source_busy": "the session already has a source; frames cannot be pushed too",
+    "topic_not_allowed": "an MQTT response topic outside the session's reply space",
     "unauthorized": "missing or wrong bearer token",
     "internal_error": "the server failed; the message says where",
     "no_workers": "a websocket gateway sees no live pool worker, or none answered the open",
@@ -109,6 +115,8 @@ def _str(max_len: int, pattern: re.Pattern | None = None, allow_empty: bool = Fa
     def check(name, v, limits):
         if not isinstance(v, str):
             raise StreamError("bad_field", f"`{name}` must be a string", field=name)
+        if _SURROGATE.search(v):
+            raise StreamError("bad_field", f"`{name}` is not valid Unicode (a lone surrogate)", field=name)
         if len(v) > max_len:
             code = "question_too_long" if name == "text" else "bad_field"
             raise StreamError(code, f"`{name}` is longer than {max_len} characters", field=name)
@@ -145,6 +153,7 @@ _ID = _str(64, REQUEST_ID_RE)
 SCHEMA: dict[str, dict[str, tuple]] = {
     "open": {
         "session": (_str(64, SESSION_ID_RE), False),  # resume this session instead of a new one
+        "resume": (_str(64), False),  # with `session`: the secret `opened` gave the session's owner
         "source": (_str(2048), False),  # server-side source: URL or a file under allowed roots
         "fps": (_number(0.01, 60.0), False),
         "system_prompt": (_str(4000, allow_empty=True), False),
@@ -187,6 +196,8 @@ def _reject_constant(name):
 def validate(obj, limits: Limits = Limits()) -> dict:
     if not isinstance(obj, dict) or not isinstance(obj.get("op"), str):
         raise StreamError("bad_message", "a message must be a JSON object with a string `op`")
+    if any(_SURROGATE.search(k) for k in obj):  # field names are echoed in errors: never an invalid one
+        raise StreamError("bad_message", "a field name is not valid Unicode (a lone surrogate)")
     op = obj["op"]
     if op not in SCHEMA:
         raise StreamError("unknown_op", f"unknown op {op[:40]!r}; expected one of {sorted(SCHEMA)}")
@@ -256,36 +267,31 @@ def parse_frame(data: bytes, limits: Limits = Limits(), t: float | None = None) 
     if fmt == "raw":
         w = int(_frame_number("width", header.get("width"), 1, 16384, integer=True))
         h = int(_frame_number("height", header.get("height"), 1, 16384, integer=True))
-        if w * h > limits.max_frame_pixels:
-            raise StreamError("frame_too_large", f"{w}x{h} is over {limits.max_frame_pixels} pixels")
+        check_shape(w, h, limits.max_frame_pixels)
         if len(data) != w * h * 3:
             raise StreamError("bad_frame", f"raw payload is {len(data)} bytes, expected {w}*{h}*3 = {w * h * 3}")
         return FrameMsg(np.frombuffer(data, np.uint8).reshape(h, w, 3).copy(), t)
     raise StreamError("bad_frame", f"unknown frame format {str(fmt)[:20]!r}; expected 'jpeg' or 'raw'")
 
 
+def frame_time(text: str) -> float:
+    """MQTT user property `t` (a string) -> seconds, in the range the websocket header allows."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise StreamError("bad_frame", "user property t must be a number of seconds", field="t") from None
+    return _frame_number("t", v, 0, 1e9)
+
+
 def _frame_number(name, v, lo, hi, integer=False):
     try:
         return _number(lo, hi, integer)(name, v, None)
     except StreamError as e:
-        raise StreamError("bad_frame", f"frame header: {e.message}") from None
+        raise StreamError("bad_frame", f"frame header: {e.message}", field=name) from None
 
 
 def decode_jpeg(data: bytes, limits: Limits = Limits()) -> np.ndarray:
-    from PIL import Image  # pillow: the only image decoder we trust with client bytes
-
-    if not data.startswith(JPEG_MAGIC):
-        raise StreamError("bad_frame", "binary frames must be JPEG (start with FF D8 FF)")
-    try:
-        img = Image.open(io.BytesIO(data), formats=["JPEG"])  # reads the header only
-        w, h = img.size
-        if w * h > limits.max_frame_pixels:
-            raise StreamError("frame_too_large", f"{w}x{h} is over {limits.max_frame_pixels} pixels")
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except StreamError:
-        raise
-    except Exception as e:  # PIL raises many types for corrupt data; all mean the same here
-        raise StreamError("bad_frame", f"cannot decode JPEG: {str(e)[:100]}") from None
+    return decode_image(data, limits.max_frame_pixels, formats=("JPEG",))
 
 
 def encode_frame(image: np.ndarray, t: float | None = None, quality: int = 85) -> bytes:
@@ -304,11 +310,21 @@ def encode_frame(image: np.ndarray, t: float | None = None, quality: int = 85) -
 # --- server -> client ---------------------------------------------------------------------
 
 def dump(op: str, **fields) -> str:
-    return json.dumps({"op": op, "v": VERSION, **fields}, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps({"op": op, "v": VERSION, **fields}, separators=(",", ":"), ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate slipped into a field: escape it, never drop the message
+        text = json.dumps({"op": op, "v": VERSION, **fields}, separators=(",", ":"))
+    return text
+
+
+def error_fields(err: StreamError, request_id: str | None = None) -> dict:
+    """The fields of an `error` message (code, message, field?, id?), the same on both transports."""
+    extra = {k: v for k, v in err.details.items() if isinstance(v, (str, int, float, bool))}
+    if request_id is not None and "id" not in extra:
+        extra["id"] = request_id
+    return {"code": err.code, "message": err.message, **extra}
 
 
 def error_message(err: StreamError, request_id: str | None = None) -> str:
-    extra = {k: v for k, v in err.details.items() if isinstance(v, (str, int, float, bool))}
-    if request_id is not None:
-        extra["id"] = request_id
-    return dump("error", code=err.code, message=err.message, **extra)
+    return dump("error", **error_fields(err, request_id))

@@ -44,8 +44,10 @@ def wait_port(port: int, timeout: float = 10.0, up: bool = True) -> None:
 class Broker:
     """mosquitto 2.x (a real MQTT v5 broker) on 127.0.0.1:port, anonymous, no persistence."""
 
-    def __init__(self, port: int | None = None, users: dict[str, str] | None = None, tls: bool = False):
-        """`users`: require these username/passwords; `tls`: serve TLS with a fresh CA (`self.ca`)."""
+    def __init__(self, port: int | None = None, users: dict[str, str] | None = None, tls: bool = False,
+                 acl: str | None = None):
+        """`users`: require these username/passwords; `tls`: serve TLS with a fresh CA (`self.ca`);
+        `acl`: a mosquitto acl_file (docs/mosquitto-acl.conf)."""
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="mosq")
         self.conf = os.path.join(self.dir, "mosquitto.conf")
@@ -63,6 +65,8 @@ class Broker:
             conf += ["allow_anonymous false", f"password_file {pw}"]
         else:
             conf.append("allow_anonymous true")
+        if acl:
+            conf.append(f"acl_file {acl}")
         self.ca = None
         if tls:
             self.ca = self._make_certs()
@@ -198,7 +202,8 @@ class ServerThread:
     def __init__(self, model: str, *, ws: bool = True, broker_port: int | None = None, limits=None,
                  media_roots=(), grace_s: float = 30.0, token: str | None = None, tokens_per_frame: int = 8,
                  realtime_files: bool = False, engine_kwargs: dict | None = None, origins: list[str] | None = None,
-                 mqtt_kwargs: dict | None = None):
+                 mqtt_kwargs: dict | None = None, allow_private_sources: bool = False,
+                 source_networks: tuple[str, ...] = ()):
         import threading
 
         self.model, self.ws, self.broker_port = model, ws, broker_port
@@ -207,6 +212,8 @@ class ServerThread:
         self.engine_kwargs = engine_kwargs or {}
         self.origins = origins
         self.mqtt_kwargs = mqtt_kwargs or {}
+        self.allow_private_sources = allow_private_sources  # loopback test servers as sources need it
+        self.source_networks = source_networks
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._main, daemon=True)
         self.loop = None
@@ -252,7 +259,9 @@ class ServerThread:
         engine = Engine(model=self.model, tokens_per_frame=self.tokens_per_frame, max_sessions=limits.max_sessions,
                         max_question_chars=limits.max_question_chars, max_new_tokens_limit=limits.max_new_tokens,
                         **self.engine_kwargs)
-        self.service = Service(engine, limits, SourcePolicy(roots=[Path(r) for r in self.media_roots]),
+        self.service = Service(engine, limits, SourcePolicy(roots=[Path(r) for r in self.media_roots],
+                                                            allow_private=self.allow_private_sources,
+                                                            allow_networks=self.source_networks),
                                grace_s=self.grace_s, realtime_files=self.realtime_files)
         async with AsyncExitStack() as stack:
             if self.ws:

@@ -54,11 +54,11 @@ async def test_stock_mosquitto_clients(server, broker, tmp_path):  # noqa: F811
     for t in ("0.5", "1.0"):
         await asyncio.to_thread(broker.pub, "streamvz/stock/frames", file=str(frame), props=["user-property", f"t {t}"], qos=0)
     proc = await asyncio.create_subprocess_exec(
-        "mosquitto_sub", "-V", "mqttv5", "-h", "127.0.0.1", "-p", str(broker.port), "-t", "replies/me", "-W", "60",
+        "mosquitto_sub", "-V", "mqttv5", "-h", "127.0.0.1", "-p", str(broker.port), "-t", "streamvz/stock/answers/me", "-W", "60",
         stdout=asyncio.subprocess.PIPE)
     await asyncio.sleep(0.3)
     await asyncio.to_thread(broker.pub, "streamvz/stock/ask", '{"text":"What do you see?","max_tokens":8}',
-                            props=["response-topic", "replies/me", "correlation-data", "abc"])
+                            props=["response-topic", "streamvz/stock/answers/me", "correlation-data", "abc"])
     msgs = []
     while not msgs or msgs[-1]["op"] not in ("done", "error"):
         msgs.append(json.loads(await asyncio.wait_for(proc.stdout.readline(), 60)))

@@ -37,7 +37,8 @@ def media(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_llava, media):
-    srv = ServerThread(tiny_llava, limits=LIMITS, media_roots=[media], grace_s=1.5).start()
+    # The live-source test serves its stream on loopback: allowed here explicitly (off by default).
+    srv = ServerThread(tiny_llava, limits=LIMITS, media_roots=[media], grace_s=1.5, allow_private_sources=True).start()
     yield srv
     srv.stop()
 
@@ -184,6 +185,7 @@ async def test_disconnect_mid_answer_cancels_then_resume(server):
     chat = WsChat(server.url)
     await chat.__aenter__()
     sid = (await chat.open())["session"]
+    secret = chat.resume
     await chat.push(pattern_frame(3), t=1.0)
     answer = chat.ask("Describe it at length.", max_tokens=300)
     await answer.__anext__()
@@ -211,16 +213,16 @@ async def test_disconnect_mid_answer_cancels_then_resume(server):
 
     async with WsChat(server.url) as again:
         with pytest.raises(StreamError) as ei:
-            await again.open(session=sid, source="clip.mp4")
+            await again.open(session=sid, resume=secret, source="clip.mp4")
         assert ei.value.code == "bad_field"
-        opened = await again.open(session=sid)
+        opened = await again.open(session=sid, resume=secret)
         assert opened["resumed"] is True and opened["frames_seen"] == 1
         assert await again.ask("And now?", max_tokens=3).result()
         await again.ws.close()
     await asyncio.sleep(2.5)  # past the 1.5 s grace: gone
     async with WsChat(server.url) as late:
         with pytest.raises(StreamError) as ei:
-            await late.open(session=sid)
+            await late.open(session=sid, resume=secret)
         assert ei.value.code == "unknown_session"
 
 

@@ -138,7 +138,9 @@ $("ask").onsubmit = (e) => {
 };
 setInterval(() => svz.session && ws.readyState === WebSocket.OPEN && send({ op: "status" }), 2000);
 
-fetch("/api/videos").then((r) => r.json()).then((names) => {
+// The video list needs the same bearer token as the websocket when the server has one.
+const auth = params.get("token") ? { headers: { Authorization: `Bearer ${params.get("token")}` } } : {};
+fetch("/api/videos", auth).then((r) => (r.ok ? r.json() : [])).then((names) => {
   for (const n of names) $("server-video").add(new Option(n, n));
   // ?source=NAME&ask=QUESTION starts a session on a server video and asks once frames arrived.
   if (params.get("source")) {

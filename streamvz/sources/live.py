@@ -9,7 +9,8 @@ status events on the way:
   {"event": "disconnected", "reason": ...}   the connection ended or failed
   {"event": "reconnecting", "attempt": n, "delay": s}
   {"event": "connected", "reconnects": n}
-  {"event": "ended"}                         a file played in real time reached its end
+  {"event": "ended"}                         a file played in real time, or a file served over
+                                             HTTP(S) (it has a duration), reached its end
 After `max_reconnects` failed attempts in a row (None = keep trying) the iterator raises
 SourceError("source_stalled") (or "unreachable_url" if the source never came back after
 an error). Problems with the stream itself (no video, unknown codec, too many pixels) are
@@ -209,6 +210,8 @@ class LiveSource(ThreadedSource):
                 return
             try:
                 reason = self._read(c, emit, sampler)
+                # A file served over HTTP(S) has a duration; a camera's stream has none.
+                finite = c.duration is not None and self.url.lower().startswith(("http://", "https://"))
             finally:
                 c.close()
             if reason == "stop" or self.stopping:
@@ -223,6 +226,9 @@ class LiveSource(ThreadedSource):
                     return
                 self._container = self._connect()  # loop: play it again
                 continue
+            if reason == "eof" and finite:  # its end is the end: fetching it again would loop forever
+                self._status("ended")
+                return
             if reason == "stalled":
                 self._status("stalled", code="source_stalled",
                              message=f"no data for {self.stall_timeout:.1f}s")

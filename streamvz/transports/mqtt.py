@@ -8,7 +8,8 @@ Topics, with P the prefix (default "streamvz") and S a session id the client pic
 Answers go to the ask's response topic (default P/S/answers), each message carrying the
 ask's correlation data: `token` deltas at QoS 0 with `seq` (reorder/gap detection) and one
 `done` (or `error`) at QoS 1. The server reconnects when the broker goes away and keeps its
-sessions meanwhile; clients re-publish to the same topics.
+sessions meanwhile; clients re-publish to the same topics. A response topic must lie in the
+session's own reply space (see topics.py); retained requests are ignored.
 """
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ import ssl
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from streamvz import protocol
 from streamvz.errors import StreamError
 from streamvz.transports import presence
 from streamvz.transports.service import PeerGone, Service
+from streamvz.transports.topics import Topics
 
 log = logging.getLogger("streamvz.mqtt")
 
@@ -35,9 +38,17 @@ class MqttServer:
     def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 1883, prefix: str = "streamvz",
                  username: str | None = None, password: str | None = None, tls: ssl.SSLContext | None = None,
                  client_id: str | None = None, idle_s: float | None = 600.0, keepalive: int = 10,
-                 worker_id: str | None = None):
+                 worker_id: str | None = None, reply_prefixes: tuple[str, ...] = (), session_expiry_s: int = 300):
         self.service, self.host, self.port, self.prefix = service, host, port, prefix
-        self.username, self.password, self.tls, self.client_id = username, password, tls, client_id
+        self.topics = Topics(prefix, tuple(reply_prefixes))
+        self.username, self.password, self.tls = username, password, tls
+        # A stable client id and a broker session that outlives a disconnect: QoS 1 requests
+        # published while the server is off the broker (restarting, reconnecting) wait there
+        # for up to `session_expiry_s` and are answered when it is back. Two servers sharing a
+        # broker and prefix need distinct ids.
+        # Pool workers (a worker_id) get one each: two clients with one id knock each other off the broker.
+        self.client_id = client_id or f"streamvz-server-{prefix}" + (f"-{worker_id}" if worker_id else "")
+        self.session_expiry_s = session_expiry_s
         self.idle_s = idle_s  # close a session after this long without a message for it (None: never)
         # The broker declares us dead (and publishes our will) 1.5 x keepalive after we go silent.
         self.keepalive = keepalive
@@ -68,7 +79,7 @@ class MqttServer:
             await asyncio.sleep(max(0.1, self.idle_s / 4))
             for sid in await self.service.close_idle(self.idle_s, prefix="mqtt:"):
                 try:
-                    await self._sender(f"{self.prefix}/{sid}/events", None)("closed", session=sid, reason="idle")
+                    await self._sender(self.topics.events(sid), None)("closed", session=sid, reason="idle")
                 except PeerGone:
                     pass
 
@@ -76,12 +87,15 @@ class MqttServer:
         delay = 0.2
         while True:
             try:
+                connect = Properties(PacketTypes.CONNECT)
+                connect.SessionExpiryInterval = self.session_expiry_s
                 async with aiomqtt.Client(self.host, self.port, username=self.username, password=self.password,
                                           tls_context=self.tls, identifier=self.client_id,
                                           protocol=aiomqtt.ProtocolVersion.V5, keepalive=self.keepalive,
-                                          will=presence.will(self.prefix, self.worker_id)) as client:
+                                          will=presence.will(self.prefix, self.worker_id),
+                                          clean_start=self.session_expiry_s == 0, properties=connect) as client:
                     for topic, qos in self.subscriptions():
-                        await client.subscribe(topic, qos=qos)
+                        await client.subscribe(topic, options=self.subscribe_options(topic, qos))
                     self.client = client
                     await self.announce()
                     self.connects += 1
@@ -96,6 +110,13 @@ class MqttServer:
             self.connected.clear()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    def subscribe_options(self, topic: str, qos: int) -> SubscribeOptions:
+        """retainHandling=2 on request topics: the broker sends no retained request on subscribe (a
+        retained `close` or `ask` must not act again after a restart). Worker announcements
+        (P/workers/...) are retained state a pool reads on subscribe, so those keep it."""
+        state = topic.startswith(f"{self.prefix}/workers/")
+        return SubscribeOptions(qos=qos, retainHandling=0 if state else 2)
 
     # --- hooks a pool worker (streamvz/transports/pool.py) overrides ----------------------
     def subscriptions(self) -> list[tuple[str, int]]:
@@ -139,7 +160,8 @@ class MqttServer:
             props.CorrelationData = correlation
         try:
             await client.publish(topic, text.encode(), qos=qos, properties=props)
-        except aiomqtt.MqttError:
+        except (aiomqtt.MqttError, ValueError):  # ValueError: paho refused the topic or payload
+            # One failed publish fails the request it belongs to, never the connection.
             raise PeerGone() from None
 
     def _sender(self, topic: str, correlation: bytes | None):
@@ -151,57 +173,50 @@ class MqttServer:
 
     # --- incoming ------------------------------------------------------------------------
     async def _on_message(self, message: aiomqtt.Message):
-        parts = message.topic.value.split("/")
-        if len(parts) != 3 or parts[0] != self.prefix:
+        if message.retain:  # a retained request would act again on every (re)subscribe
+            log.debug("mqtt: ignored a retained message on %s", message.topic.value)
             return
-        sid, leaf = parts[1], parts[2]
+        parsed = self.topics.parse(message.topic.value)
+        if parsed is None:
+            return
+        sid, leaf = parsed
         props = message.properties
         reply_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
-        events = f"{self.prefix}/{sid}/events"
         rid = None
-        send = self._sender(events, correlation)
+        # Errors about the request itself go to the session's events topic until its own
+        # response topic has been checked; a session id that is no id gets nothing back.
+        send = self._sender(self.topics.events(sid), None) if protocol.SESSION_ID_RE.match(sid) else None
         try:
-            if not protocol.SESSION_ID_RE.match(sid):
-                raise StreamError("bad_field", "session ids are 1-64 of [A-Za-z0-9_-]", field="session")
-            if reply_topic is not None:
-                if any(c in reply_topic for c in "+#") or reply_topic.startswith("$") or len(reply_topic) > 256:
-                    raise StreamError("bad_field", "response topic must be a plain topic name", field="response_topic")
-                send = self._sender(reply_topic, correlation)
+            self.topics.session(sid)
+            correlation = self.topics.correlation(correlation)
+            send = self._sender(self.topics.events(sid), correlation)
+            default = self.topics.answers(sid) if leaf == "ask" else self.topics.events(sid)
+            send = self._sender(self.topics.reply(reply_topic, sid, default), correlation)
             payload = message.payload if isinstance(message.payload, (bytes, bytearray)) else str(message.payload).encode()
             if leaf == "frames":
-                entry = self.service.get(sid)
+                entry = self.service.get(sid, "mqtt")
                 t = _user_property(props, "t")
-                try:
-                    t = float(t) if t is not None else None
-                except ValueError:
-                    raise StreamError("bad_frame", "user property t must be a number of seconds") from None
-                await self.service.frame(entry, bytes(payload), t)
+                await self.service.frame(entry, bytes(payload), protocol.frame_time(t) if t is not None else None)
             elif leaf == "ask":
                 msg = self._parse(payload, default_op="ask")
                 if msg["op"] != "ask":
                     raise StreamError("unknown_op", "the ask topic takes only `ask`")
                 rid = msg["id"]
-                if reply_topic is None:
-                    send = self._sender(f"{self.prefix}/{sid}/answers", correlation)
-                self.service.ask(self.service.get(sid), msg, send)
-            elif leaf == "control":
+                self.service.ask(self.service.get(sid, "mqtt"), msg, send)
+            else:
                 msg = self._parse(payload)
                 rid = msg.get("id")
                 await self._control(sid, msg, send)
         except StreamError as e:
-            try:
-                await send("error", code=e.code, message=e.message, session=sid, **({"id": rid} if rid else {}))
-            except PeerGone:
-                pass
+            if send is not None:
+                await _quiet(send("error", **protocol.error_fields(e, rid), session=sid))
         except PeerGone:
             pass
         except Exception as e:  # a bug must cost one message, not the transport
             log.exception("mqtt message on %s failed", message.topic.value)
-            try:
-                await send("error", code="internal_error", message=f"{type(e).__name__}: {e}"[:300], session=sid)
-            except PeerGone:
-                pass
+            if send is not None:
+                await _quiet(send("error", code="internal_error", message=f"{type(e).__name__}: {e}"[:300], session=sid))
 
     def _parse(self, payload: bytes, default_op: str | None = None) -> dict:
         if len(payload) > self.service.limits.max_message_bytes:
@@ -225,24 +240,26 @@ class MqttServer:
             if "source" in msg:  # checked even on a re-open, so a bad path is never silently ignored
                 self.service.sources.check(msg["source"])
             resumed = sid in self.service.entries
+            if resumed and self.service.entries[sid].transport != "mqtt":  # another transport's session
+                raise StreamError("session_exists", f"session {sid!r} exists on another transport")
             if resumed:
-                entry = self.service.get(sid)
+                entry = self.service.get(sid, "mqtt")
             else:
-                events = self._sender(f"{self.prefix}/{sid}/events", None)
+                events = self._sender(self.topics.events(sid), None)
                 # Over MQTT the broker's ACLs decide who may publish to a session's topics, so
                 # the per-client cap is per session topic; the server-wide cap still holds.
                 entry = await self.service.open({k: v for k, v in msg.items() if k != "session"}, f"mqtt:{sid}",
-                                                events, session_id=sid)
+                                                events, session_id=sid, transport="mqtt")
             await send("opened", session=sid, resumed=resumed, worker=self.worker_id,
                        limits=self.service.limits.public(), **self.service.status(entry))
             self.service.start(entry)
         elif op == "status":
-            entry = self.service.get(sid)
+            entry = self.service.get(sid, "mqtt")
             await send("status", session=sid, **self.service.status(entry))
         elif op == "cancel":
-            self.service.cancel(self.service.get(sid), msg["id"])
+            self.service.cancel(self.service.get(sid, "mqtt"), msg["id"])
         elif op == "close":
-            await self.service.close(self.service.get(sid))
+            await self.service.close(self.service.get(sid, "mqtt"))
             await send("closed", session=sid)
         else:
             raise StreamError("unknown_op", f"the control topic takes open/status/cancel/close, not {op!r}")
@@ -253,3 +270,10 @@ def _user_property(props, key: str):
         if k == key:
             return v
     return None
+
+
+async def _quiet(aw) -> None:
+    try:
+        await aw
+    except PeerGone:
+        pass

@@ -36,6 +36,7 @@ class PoolWorker(MqttServer):
 
     def __init__(self, service: Service, *args, group: str = "streamvz", max_hops: int = 4, announce_s: float = 2.0,
                  **kw):
+        kw["worker_id"] = kw.get("worker_id") or presence.new_worker_id()  # its own broker client id too
         super().__init__(service, *args, **kw)  # host, port, ... as MqttServer takes them
         self.group, self.max_hops, self.announce_s = group, max_hops, announce_s
         self.view = presence.PoolView()
@@ -99,6 +100,8 @@ class PoolWorker(MqttServer):
         parts = message.topic.value.split("/")
         if parts[0] != self.prefix:
             return
+        if message.retain and parts[1] != "workers":  # a retained request would act again on every subscribe
+            return
         if len(parts) == 3 and parts[1] == "open":
             await self._open(parts[2], message)
         elif len(parts) == 3 and parts[1] == "workers":
@@ -116,13 +119,18 @@ class PoolWorker(MqttServer):
         reply = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
         tried = [w for w in (_user_property(props, "tried") or "").split(",") if w]
-        if reply is None or any(c in reply for c in "+#") or reply.startswith("$") or len(reply) > 256:
-            reply = f"{self.prefix}/{sid}/events"
+        events, refused = f"{self.prefix}/{sid}/events", None
+        try:  # the same rule as for every other request: answers go only to the session's reply space
+            reply = self.topics.reply(reply, sid, events)
+        except StreamError as e:
+            reply, refused = events, e
 
         async def send(op, **fields):
             await self.publish(reply, protocol.dump(op, **fields), 1, correlation)
 
         try:
+            if refused is not None:
+                raise refused
             if not protocol.SESSION_ID_RE.match(sid) or sid in RESERVED:
                 raise StreamError("bad_field", "session ids are 1-64 of [A-Za-z0-9_-], not open/workers", field="session")
             msg = protocol.parse_message(bytes(message.payload or b""), self.service.limits)
@@ -165,7 +173,7 @@ class PoolWorker(MqttServer):
             raise PeerGone()
         # Subscribe before `opened` goes out: frames the client sends right after it are ours.
         for topic, qos in self._session_topics(sid):
-            await client.subscribe(topic, qos=qos)
+            await client.subscribe(topic, options=self.subscribe_options(topic, qos))
         events = f"{self.prefix}/{sid}/events"
 
         async def to_events(op, **fields):

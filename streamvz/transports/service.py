@@ -9,6 +9,7 @@ sockets or topics.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import secrets
 import time
@@ -34,6 +35,8 @@ class Entry:
     session: object  # streamvz.session.Session from the engine
     client: str  # who opened it (remote address or token), for the per-client cap
     bucket: TokenBucket
+    transport: str = "ws"  # the transport that owns it: no other may drive it
+    secret: str = field(default_factory=lambda: secrets.token_urlsafe(16))  # proves a resume is the owner's
     send: Send | None = None  # None while detached (client gone, grace period running)
     source: tuple[str, float] | None = None  # (what to open, fps) for a server-side source
     source_task: asyncio.Task | None = None
@@ -44,6 +47,7 @@ class Entry:
     expiry: asyncio.TimerHandle | None = None
     t0: float = field(default_factory=time.monotonic)  # stamps frames that come without `t`
     last_active: float = field(default_factory=time.monotonic)  # last message from a client
+    closing: str | None = None  # why its running asks end: "cancelled" (client close) or "shutdown"
 
     def emit(self, op: str, **fields) -> Awaitable[None] | None:
         return self.send(op, **fields) if self.send is not None else None
@@ -61,15 +65,22 @@ class Service:
         self.on_close: list[Callable[[str], None]] = []  # told each closed session's id (a pool worker unsubscribes)
 
     # --- sessions ---------------------------------------------------------------------
-    async def open(self, msg: dict, client: str, send: Send, session_id: str | None = None) -> Entry:
-        """`open`: resume msg["session"] if given, else create (with `session_id` if the transport names it)."""
+    async def open(self, msg: dict, client: str, send: Send, session_id: str | None = None,
+                   transport: str = "ws") -> Entry:
+        """`open`: resume msg["session"] if given, else create (with `session_id` if the transport names it).
+
+        Resuming needs the secret `opened` gave the session's owner (`resume`), on the same
+        transport: a session id alone, seen in a log or guessed, opens nothing."""
         if "session" in msg and session_id is None:
             entry = self.entries.get(msg["session"])
-            if entry is None:
-                raise StreamError("unknown_session", f"no session {msg['session']!r} (closed or expired)")
-            extra = set(msg) - {"op", "session"}
+            if entry is None or entry.transport != transport or not hmac.compare_digest(
+                    entry.secret.encode(), str(msg.get("resume", "")).encode()):
+                raise StreamError("unknown_session", f"no session {msg['session']!r} to resume (closed, expired, "
+                                  "or not this `resume` secret)")
+            extra = set(msg) - {"op", "session", "resume"}
             if extra:  # a resumed session keeps its source, fps and system prompt
-                raise StreamError("bad_field", f"resuming takes only `session`, not {sorted(extra)}", field=sorted(extra)[0])
+                raise StreamError("bad_field", f"resuming takes only `session` and `resume`, not {sorted(extra)}",
+                                  field=sorted(extra)[0])
             if entry.send is not None:
                 raise StreamError("session_in_use", "the session is attached to another connection")
             if entry.expiry is not None:
@@ -77,17 +88,19 @@ class Service:
                 entry.expiry = None
             entry.send = send
             return entry
+        if "resume" in msg:  # without `session` it would be silently ignored
+            raise StreamError("bad_field", "`resume` goes with `session` (resuming a websocket session)", field="resume")
         if len(self.entries) >= self.limits.max_sessions:
             raise StreamError("too_many_sessions", f"the server holds {self.limits.max_sessions} sessions")
         if sum(e.client == client for e in self.entries.values()) >= self.limits.max_sessions_per_client:
             raise StreamError("too_many_sessions", f"at most {self.limits.max_sessions_per_client} sessions per client")
-        source = self.sources.check(msg["source"]) if "source" in msg else None
+        source = self.sources.check(msg["source"]) if "source" in msg else None  # names resolve in _pump
         sid = session_id or secrets.token_urlsafe(12)
         kwargs = {"session_id": sid}
         if "system_prompt" in msg:
             kwargs["system_prompt"] = msg["system_prompt"]
         session = self.engine.session(**kwargs)
-        entry = Entry(sid, session, client, TokenBucket(self.limits.max_push_fps), send)
+        entry = Entry(sid, session, client, TokenBucket(self.limits.max_push_fps), transport, send=send)
         self.entries[sid] = entry
         if source is not None:
             entry.source = (source, msg.get("fps", 1.0))
@@ -100,9 +113,9 @@ class Service:
             entry.source_state = "running"
             entry.source_task = asyncio.create_task(self._pump(entry, *entry.source))
 
-    def get(self, sid: str) -> Entry:
+    def get(self, sid: str, transport: str | None = None) -> Entry:
         entry = self.entries.get(sid)
-        if entry is None:
+        if entry is None or (transport is not None and entry.transport != transport):
             raise StreamError("unknown_session", f"no session {sid!r}")
         entry.last_active = time.monotonic()
         return entry
@@ -133,9 +146,11 @@ class Service:
             log.info("session %s expired after %.0fs detached", entry.id, self.grace_s)
             await self.close(entry)
 
-    async def close(self, entry: Entry) -> None:
+    async def close(self, entry: Entry, reason: str = "cancelled") -> None:
+        """Close a session; each running ask still ends with `done` (finish_reason `reason`)."""
         if self.entries.pop(entry.id, None) is None:
             return
+        entry.closing = reason
         for notify in self.on_close:
             notify(entry.id)
         if entry.expiry is not None:
@@ -147,7 +162,8 @@ class Service:
         await entry.session.close()
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(self.close(e) for e in list(self.entries.values())), return_exceptions=True)
+        """Server shutdown: every answer in flight ends with `done` (finish_reason "shutdown")."""
+        await asyncio.gather(*(self.close(e, "shutdown") for e in list(self.entries.values())), return_exceptions=True)
 
     def status(self, entry: Entry) -> dict:
         stats = dict(entry.session.stats())
@@ -170,15 +186,20 @@ class Service:
         return True
 
     async def _pump(self, entry: Entry, source: str, fps: float) -> None:
+        network = "://" in source
         try:
             from streamvz.sources import open_source
 
             def on_status(ev: dict) -> None:  # live sources: connected / disconnected / reconnecting / stalled
                 if ev.get("event") in ("connected", "disconnected", "reconnecting", "stalled"):
-                    fields = {k: v for k, v in ev.items() if k in ("attempt", "delay", "reason") and v is not None}
+                    keep = ("attempt", "delay") if network else ("attempt", "delay", "reason")
+                    fields = {k: v for k, v in ev.items() if k in keep and v is not None}
                     asyncio.ensure_future(_maybe(entry.emit("status", session=entry.id, event="source_" + ev["event"],
                                                             **fields, **self.status(entry))))
 
+            # Resolve the host, follow HTTP redirects (each hop checked): on a thread, after
+            # `opened`, so that a slow name server holds up neither this transport nor others.
+            source = await asyncio.to_thread(self.sources.check_network, source)
             async with open_source(source, fps=fps, realtime=self.realtime_files and "://" not in source,
                                    on_status=on_status) as src:
                 async for frame in src:
@@ -189,6 +210,10 @@ class Service:
             raise
         except StreamError as e:
             entry.source_state = "failed"
+            if network and e.code not in ("resolution_too_large", "source_not_allowed"):
+                # One code and one message for every network failure: a client must not learn
+                # from the server whether a port is open or what answers there.
+                e = StreamError("unreachable_url", "the source could not be opened or read")
             await _maybe(entry.emit("error", code=e.code, message=e.message))
         except Exception as e:  # a broken source must not take the server down
             entry.source_state = "failed"
@@ -246,12 +271,12 @@ class Service:
         except asyncio.CancelledError:
             if answer is not None:
                 answer.cancel()
-            if rid not in entry.cancelled:
-                raise  # shutdown, not a client's cancel
+            reason = "cancelled" if rid in entry.cancelled else entry.closing
+            if reason is None:
+                raise  # not ours to report (the event loop itself is going away)
             usage = dict(getattr(answer, "usage", None) or {}) if answer is not None else {}
-            usage.update(finish_reason="cancelled", deltas=seq, wall_s=time.monotonic() - t_start)
-            if entry.send is not None:  # a client's cancel; a detached client gets nothing
-                await _maybe(send("done", id=rid, usage=usage))
+            usage.update(finish_reason=reason, deltas=seq, wall_s=time.monotonic() - t_start)
+            await _maybe(send("done", id=rid, usage=usage))  # to a detached client this fails quietly
         except PeerGone:
             if answer is not None:
                 answer.cancel()

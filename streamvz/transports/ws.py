@@ -19,7 +19,7 @@ from websockets.http11 import Response
 
 from streamvz import protocol
 from streamvz.errors import StreamError
-from streamvz.transports.security import token_ok
+from streamvz.transports.security import client_key, token_ok
 from streamvz.transports.service import PeerGone, Service
 
 log = logging.getLogger("streamvz.ws")
@@ -61,13 +61,14 @@ class WsServer:
     # --- HTTP: auth for /ws, static files for everything else ---------------------------
     def _http(self, conn: ServerConnection, request) -> Response | None:
         url = urlsplit(request.path)
-        if url.path == "/ws":
+        if url.path in ("/ws", "/api/videos"):  # everything that reaches sessions or lists server data
             given = parse_qs(url.query).get("token", [None])[0]  # browsers cannot set headers on WebSocket
             auth = request.headers.get("Authorization", "")
             if auth.startswith("Bearer "):
                 given = auth[len("Bearer "):]
             if not token_ok(self.token, given):
                 return conn.respond(401, "unauthorized: missing or wrong bearer token\n")
+        if url.path == "/ws":
             return None
         if url.path == "/api/videos":
             return _response(200, json.dumps(self.service.sources.list_files()).encode(), "application/json")
@@ -83,7 +84,7 @@ class WsServer:
 
     # --- one websocket connection ----------------------------------------------------------
     async def _handle(self, ws: ServerConnection):
-        client = str(ws.remote_address[0])  # the token is one server-wide secret, not an identity
+        client = client_key(str(ws.remote_address[0]))  # the token is one server-wide secret, not an identity
         conn = self.conn(self.service, ws, client)
         try:
             async for message in ws:
@@ -142,8 +143,8 @@ class _Conn:
             raise StreamError("session_in_use", f"this connection is attached to session {self.entry.id}; close it first")
         resumed = "session" in msg
         self.entry = await self.service.open(msg, self.client, self.send)
-        await self.send("opened", session=self.entry.id, resumed=resumed, limits=self.service.limits.public(),
-                        **self.service.status(self.entry))
+        await self.send("opened", session=self.entry.id, resumed=resumed, resume=self.entry.secret,
+                        limits=self.service.limits.public(), **self.service.status(self.entry))
         self.service.start(self.entry)
 
     async def op_ask(self, msg):
