@@ -55,7 +55,8 @@ async def serve_gateway(cfg: ServeConfig, ready: asyncio.Future | None = None, s
     from streamvz.transports.ws import WsServer
 
     tls = ssl.create_default_context(cafile=cfg.mqtt_ca) if cfg.mqtt_ca else None
-    sources = SourcePolicy(roots=[Path(r) for r in cfg.media_roots])
+    sources = SourcePolicy(roots=[Path(r) for r in cfg.media_roots], allow_private=cfg.allow_private_sources,
+                           allow_networks=tuple(cfg.allow_source_networks))
     async with Gateway(*cfg.backend, limits=cfg.limits, sources=sources, grace_s=cfg.grace_s, username=cfg.mqtt_user,
                        password=cfg.mqtt_password, tls=tls) as gw, \
             WsServer(gw, cfg.host, cfg.port, token=cfg.token, origins=cfg.origins, conn=GatewayConn) as ws:

@@ -137,7 +137,9 @@ def pool_worker_thread(model: str, broker_port: int, worker_id: str, limits, med
 
         engine = Engine(model=model, tokens_per_frame=8, max_sessions=limits.max_sessions,
                         max_question_chars=limits.max_question_chars, max_new_tokens_limit=limits.max_new_tokens)
-        service = Service(engine, limits, SourcePolicy(roots=[Path(r) for r in media_roots]), grace_s=grace_s,
+        # loopback test servers serve as sources: the private-address guard is switched off, as --allow-private-sources
+        service = Service(engine, limits, SourcePolicy(roots=[Path(r) for r in media_roots], allow_private=True),
+                          grace_s=grace_s,
                           realtime_files=False)
         async with PoolWorker(service, port=broker_port, group=group, worker_id=worker_id, idle_s=None) as w:
             await asyncio.wait_for(w.connected.wait(), 30)
@@ -154,7 +156,7 @@ def gateway_thread(broker_port: int, limits, media_roots=(), grace_s: float = 30
         from pipelines.ws_chat import ServeConfig, serve
 
         cfg = ServeConfig(port=0, backend=("127.0.0.1", broker_port), limits=limits, grace_s=grace_s,
-                          media_roots=[str(r) for r in media_roots])
+                          media_roots=[str(r) for r in media_roots], allow_private_sources=True)
         ready = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(serve(None, cfg, ready, t._stop))
         t.port = await ready

@@ -53,13 +53,13 @@ async def test_sessions_opened_through_the_gateway_live_on_both_workers(server):
         sid = opened[0]["session"]
         await chats[0].__aexit__(None, None, None)
         async with WsChat(server.url) as again:
-            resumed = await again.open(session=sid)
+            resumed = await again.open(session=sid, resume=opened[0]["resume"])
             assert resumed["resumed"] is True and resumed["worker"] == opened[0]["worker"]
             assert resumed["frames_seen"] == 1
             await again.close()
         with pytest.raises(StreamError) as ei:  # closed means gone
             async with WsChat(server.url) as late:
-                await late.open(session=sid)
+                await late.open(session=sid, resume=opened[0]["resume"])
         assert ei.value.code == "unknown_session"
     finally:
         for c in chats[1:]:

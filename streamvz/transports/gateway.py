@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import hmac
 import secrets
 import ssl
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class Route:
     conn: "GatewayConn | None"  # None while detached (grace period)
     client: str
     worker: str | None = None  # set by the worker's `opened`
+    secret: str = field(default_factory=lambda: secrets.token_urlsafe(16))  # proves a resume is the owner's
     asks: set[str] = field(default_factory=set)  # running asks (cancelled if the client goes)
     expiry: asyncio.TimerHandle | None = None
 
@@ -126,11 +128,14 @@ class Gateway:
     async def open(self, msg: dict, conn: "GatewayConn") -> str:
         if "session" in msg:  # resume, as on a plain server: within the grace period, only `session`
             route = self.routes.get(msg["session"])
-            if route is None:
-                raise StreamError("unknown_session", f"no session {msg['session']!r} (closed or expired)")
-            extra = set(msg) - {"op", "session", "v"}
+            # As on a plain server: a session id alone, seen in a log or guessed, resumes nothing.
+            if route is None or not hmac.compare_digest(route.secret.encode(), str(msg.get("resume", "")).encode()):
+                raise StreamError("unknown_session", f"no session {msg['session']!r} to resume (closed, expired, "
+                                  "or not this `resume` secret)")
+            extra = set(msg) - {"op", "session", "resume", "v"}
             if extra:
-                raise StreamError("bad_field", f"resuming takes only `session`, not {sorted(extra)}", field=sorted(extra)[0])
+                raise StreamError("bad_field", f"resuming takes only `session` and `resume`, not {sorted(extra)}",
+                                  field=sorted(extra)[0])
             if route.conn is not None:
                 raise StreamError("session_in_use", "the session is attached to another connection")
             if route.expiry is not None:
@@ -218,6 +223,7 @@ class Gateway:
             return
         if op == "opened":
             route.worker = msg.get("worker")
+            msg["resume"] = route.secret  # the websocket client's proof of ownership, as a plain server gives it
         elif op in ("done", "error") and "id" in msg:
             route.asks.discard(msg["id"])
         conn = route.conn

@@ -180,7 +180,7 @@ class PoolWorker(MqttServer):
             await self.publish(events, protocol.dump(op, **fields), 0 if op == "token" else 1)
 
         try:
-            entry = await self.service.open(msg, f"mqtt:{sid}", to_events, session_id=sid)
+            entry = await self.service.open(msg, f"mqtt:{sid}", to_events, session_id=sid, transport="mqtt")
         except BaseException:
             await self._drop(sid)
             raise
