@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -70,7 +71,7 @@ def dump_state() -> None:
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
 
 
-async def cmd_serve(a) -> int:
+async def cmd_serve(a, stopper) -> int:
     from pipelines.ws_chat import ServeConfig, serve
     from streamvz.protocol import Limits
 
@@ -81,21 +82,13 @@ async def cmd_serve(a) -> int:
                       mqtt_ca=a.mqtt_ca, mqtt_idle_s=a.mqtt_idle or None, media_roots=a.media_root, token=a.token or os.environ.get("STREAMVZ_TOKEN"),
                       origins=a.origin, grace_s=a.grace, limits=limits)
     loop, stop = asyncio.get_running_loop(), asyncio.Event()
-
-    def shutdown():
-        stop.set()
-        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C interrupts a shutdown that hangs
-            loop.remove_signal_handler(sig)
-
     if hasattr(signal, "SIGUSR1"):  # POSIX: the loop takes signal handlers
         loop.add_signal_handler(signal.SIGUSR1, dump_state)
-        # SIGINT/SIGTERM set `stop` through the loop, so shutdown is always serve's own cleanup. (Left to
-        # KeyboardInterrupt, uvloop sometimes never cancelled the main task and serve hung; the serve test's dump.)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, shutdown)
     async with make_engine(a, max_question_chars=a.max_question_chars) as engine:
         ready = loop.create_future()
         task = asyncio.create_task(serve(engine, cfg, ready, stop))
+        # From here a signal ends serve through its own cleanup (sessions closed, transports shut).
+        stopper.on_stop = stop.set
         port = await ready
         if port is not None:
             print(f"streamvz: web page http://{a.host}:{port}/  websocket ws://{a.host}:{port}/ws", flush=True)
@@ -107,46 +100,58 @@ async def cmd_serve(a) -> int:
 
 # --- analyze -------------------------------------------------------------------------------
 
-async def cmd_analyze(a) -> int:
-    from pipelines.analyze import analyze, to_markdown
+async def cmd_analyze(a, stopper) -> int:
+    from pipelines.analyze import Analysis, to_markdown
     from streamvz.sources import probe
 
     probe(a.video)  # bad input fails here, in a second, not after loading the model
     if not a.question and not a.summary_every:
         a.summary_every = 30.0
-    async with make_engine(a) as engine:
-        report = await analyze(engine, a.video, a.question, a.summary_every, a.fps, a.max_tokens,
-                               progress=not a.quiet, out=a.out)
-    if a.out:
-        print(f"wrote {a.out}.json and {a.out}.md", file=sys.stderr)
-    else:
-        print(to_markdown(report))
+    job = None
+    try:
+        async with make_engine(a) as engine:
+            job = Analysis(engine, a.video, a.question, a.summary_every, a.fps, a.max_tokens,
+                           progress=not a.quiet, out=a.out)
+            await job.run()
+    finally:
+        if job is not None and (job.report["partial"] or not sys.exc_info()[0]):
+            if a.out:
+                kind = "partial report" if job.report["partial"] else "report"
+                print(f"wrote {kind} {a.out}.json and {a.out}.md", file=sys.stderr)
+            else:
+                print(to_markdown(job.report), flush=True)
     return 0
 
 
 # --- live ----------------------------------------------------------------------------------
 
-async def cmd_live(a) -> int:
+async def cmd_live(a, stopper) -> int:
+    from pipelines.console import StdinLines
     from pipelines.live_qa import LiveQA
+    from pipelines.live_report import Printer
 
+    show = Printer(json_lines=a.json)
     async with make_engine(a) as engine:
         live = LiveQA(engine, a.source, a.watch, every=a.every, fps=a.fps, realtime=a.realtime,
-                      on_alert=lambda alert: print(json.dumps(alert), flush=True))
-        run = asyncio.create_task(live.run())
-        loop = asyncio.get_running_loop()
+                      on_alert=show, on_event=show)
 
         async def questions():
-            while True:
-                line = await loop.run_in_executor(None, sys.stdin.readline)
-                if not line:
-                    return
-                if line.strip():
-                    print(json.dumps({"question": line.strip(), "answer": await live.ask(line.strip())}), flush=True)
+            async with StdinLines() as lines:
+                async for line in lines:
+                    show({"question": line, "answer": await live.ask(line), "time": time.time()})
 
+        run = asyncio.create_task(live.run())
         asking = asyncio.create_task(questions()) if not a.no_stdin else None
-        await run
-        if asking:
-            asking.cancel()
+        try:
+            await run
+        except StreamError as e:  # the camera never came back (or never answered): say so, then exit 2
+            show({"event": "gone", "code": e.code, "message": e.message, "time": time.time()})
+            raise
+        finally:  # stopped or ended: nothing left running when the engine closes
+            for task in (run, asking):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(run, *([asking] if asking else []), return_exceptions=True)
     return 0
 
 
@@ -160,14 +165,22 @@ async def _until(chat, ok, seconds: float) -> None:
         await asyncio.sleep(0.05)
 
 
-async def cmd_demo(a) -> int:
+async def cmd_demo(a, stopper) -> int:
     """Start a server on a free port, generate a sample clip, stream it, ask, print the answers."""
+
+    media = tempfile.mkdtemp(prefix="streamvz-demo-")
+    try:
+        return await _demo(a, media)
+    finally:
+        shutil.rmtree(media, ignore_errors=True)  # the generated clip
+
+
+async def _demo(a, media: str) -> int:
     from clients.answer import usage_line
     from clients.ws_chat import WsChat
     from pipelines.sample import write_sample
     from pipelines.ws_chat import ServeConfig, serve
 
-    media = tempfile.mkdtemp(prefix="streamvz-demo-")
     clip = a.video or os.path.join(media, "sample.mp4")
     questions = [(q, None) for q in a.ask]
     if not a.video:
@@ -266,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--fps", type=float, default=1.0, help="frames per second sampled")
     lv.add_argument("--realtime", action="store_true", help="play a file at its own pace, as if live")
     lv.add_argument("--no-stdin", action="store_true", help="do not read ad-hoc questions from stdin")
+    lv.add_argument("--json", action="store_true",
+                    help="print one JSON object per line (camera events, first answers, alerts, answers) "
+                         "instead of plain words")
 
     d = sub.add_parser("demo", help="start a server, stream a generated sample clip, ask questions, print answers",
                        description="The end-to-end demo on the embedded model: a server on a free port, a generated "
@@ -280,18 +296,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+async def run_command(command, a, stopper) -> int:
+    """Run one command as a task that the first SIGINT/SIGTERM cancels (serve: stops)."""
+    task = asyncio.ensure_future(command(a, stopper))
+    stopper.attach(asyncio.get_running_loop(), task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if stopper.signum is None:
+            raise
+        return stopper.exit_code
+
+
 def main(argv=None) -> int:
+    from pipelines.console import Stopper, say
+
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     commands = {"serve": cmd_serve, "analyze": cmd_analyze, "live": cmd_live, "demo": cmd_demo}
-    try:
-        return _run(commands[a.cmd](a))
-    except StreamError as e:
-        print(f"error [{e.code}]: {e.message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    with Stopper() as stopper:
+        try:
+            code = _run(run_command(commands[a.cmd], a, stopper))
+        except StreamError as e:
+            print(f"error [{e.code}]: {e.message}", file=sys.stderr)
+            return 2
+        if stopper.signum is not None:
+            say("streamvz: stopped")
+            return stopper.exit_code
+        return code
 
 
 if __name__ == "__main__":

@@ -136,7 +136,8 @@ class LiveSource(ThreadedSource):
                 if e.code != "unreachable_url" or attempt == self.open_retries or self.stopping:
                     raise
                 self._status("reconnecting", attempt=attempt + 1, delay=delay, message=e.message)
-                time.sleep(delay)
+                if self._stop.wait(delay):  # told to stop while waiting to retry
+                    return
                 delay = min(self.backoff[1], delay * 2)
 
     def _close(self) -> None:
