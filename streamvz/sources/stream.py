@@ -80,6 +80,9 @@ class _Channel:
         self._wake()
         return True
 
+    def __len__(self) -> int:
+        return len(self._items)  # a racy read is fine: it is a gauge
+
     def finish(self, error: BaseException | None) -> None:
         with self._cond:
             self._end = (error,)
@@ -143,7 +146,12 @@ class ThreadedSource:
 
     @property
     def frames_dropped(self) -> int:
-        return self._chan.dropped if self._chan else 0
+        return self._chan.dropped if self._chan is not None else 0
+
+    @property
+    def frames_queued(self) -> int:
+        """Frames decoded and waiting for the consumer: frames_read = taken + queued + dropped."""
+        return len(self._chan) if self._chan is not None else 0
 
     def _status(self, event: str, **fields) -> None:
         """Report a status event (from any thread); the callback runs on the event loop."""
@@ -226,7 +234,7 @@ class ThreadedSource:
     async def aclose(self) -> None:
         """Stop the decoder thread and wait (up to stop_timeout) for it to end."""
         self._stop.set()
-        if self._chan:
+        if self._chan is not None:
             self._chan.release()
         t = self._thread
         if t is None:

@@ -38,6 +38,7 @@ class Entry:
     source: tuple[str, float] | None = None  # (what to open, fps) for a server-side source
     source_task: asyncio.Task | None = None
     source_state: str | None = None  # running | ended | failed
+    reader: object = None  # the open server-side source: its drops count in frames_dropped
     asks: dict[str, asyncio.Task] = field(default_factory=dict)
     answers: dict[str, object] = field(default_factory=dict)  # engine Answers of running asks
     cancelled: set[str] = field(default_factory=set)
@@ -149,6 +150,9 @@ class Service:
     def status(self, entry: Entry) -> dict:
         stats = dict(entry.session.stats())
         stats["source"] = entry.source_state
+        if entry.reader is not None:  # frames the source sampled that the session has not seen (yet)
+            stats["frames_dropped"] += entry.reader.frames_dropped
+            stats["frames_pending"] += entry.reader.frames_queued
         return stats
 
     # --- frames -------------------------------------------------------------------------
@@ -178,6 +182,7 @@ class Service:
 
             async with open_source(source, fps=fps, realtime=self.realtime_files and "://" not in source,
                                    on_status=on_status) as src:
+                entry.reader = src
                 async for frame in src:
                     await entry.session.add_frame(frame.image, t=frame.t)
             entry.source_state = "ended"
