@@ -132,8 +132,9 @@ async def cmd_live(a, stopper) -> int:
 
     show = Printer(json_lines=a.json)
     async with make_engine(a) as engine:
+        options = {"rtsp_transport": a.rtsp_transport} if a.source.lower().startswith(("rtsp://", "rtsps://")) else {}
         live = LiveQA(engine, a.source, a.watch, every=a.every, fps=a.fps, realtime=a.realtime,
-                      on_alert=show, on_event=show)
+                      on_alert=show, on_event=show, source_options=options)
 
         async def questions():
             async with StdinLines() as lines:
@@ -279,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--fps", type=float, default=1.0, help="frames per second sampled")
     lv.add_argument("--realtime", action="store_true", help="play a file at its own pace, as if live")
     lv.add_argument("--no-stdin", action="store_true", help="do not read ad-hoc questions from stdin")
+    lv.add_argument("--rtsp-transport", choices=["auto", "tcp", "udp"], default="auto",
+                    help="how an rtsp:// camera sends its video: auto tries TCP, then UDP")
     lv.add_argument("--json", action="store_true",
                     help="print one JSON object per line (camera events, first answers, alerts, answers) "
                          "instead of plain words")

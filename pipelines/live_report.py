@@ -37,7 +37,8 @@ def words(ev: dict) -> str:
         return f'{at} Q: {ev["question"]}\n{at} A: {ev["answer"] or "(no answer)"}'
     if kind == "connected":
         n = ev.get("reconnects") or 0
-        return f"{at} camera back (reconnect {n})" if n else f"{at} camera connected: {ev.get('source', '')}"
+        via = f" (RTSP over {ev['rtsp_transport'].upper()})" if ev.get("rtsp_transport") else ""
+        return f"{at} camera back (reconnect {n}){via}" if n else f"{at} camera connected: {ev.get('source', '')}{via}"
     if kind == "disconnected":
         reason = {"eof": "connection ended", "stalled": "no data"}.get(ev.get("reason"), ev.get("reason") or "")
         return f"{at} camera lost ({reason}); reconnecting"

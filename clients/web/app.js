@@ -73,6 +73,7 @@ async function start() {
     const open = { op: "open", fps };
     if (kind === "server") open.source = $("server-video").value;
     if (kind === "url") open.source = $("url").value;
+    if (kind === "url" && /^rtsps?:\/\//i.test(open.source)) open.rtsp_transport = $("rtsp-transport").value;
     send(open);
     if (kind === "file" || kind === "camera") await startPush(kind, fps);
     $("stop").disabled = false;

@@ -35,7 +35,7 @@ class Entry:
     client: str  # who opened it (remote address or token), for the per-client cap
     bucket: TokenBucket
     send: Send | None = None  # None while detached (client gone, grace period running)
-    source: tuple[str, float] | None = None  # (what to open, fps) for a server-side source
+    source: tuple[str, float, dict] | None = None  # (what to open, fps, open_source options) for a server-side source
     source_task: asyncio.Task | None = None
     source_state: str | None = None  # running | ended | failed
     reader: object = None  # the open server-side source: its drops count in frames_dropped
@@ -82,6 +82,8 @@ class Service:
         if sum(e.client == client for e in self.entries.values()) >= self.limits.max_sessions_per_client:
             raise StreamError("too_many_sessions", f"at most {self.limits.max_sessions_per_client} sessions per client")
         source = self.sources.check(msg["source"]) if "source" in msg else None
+        if "rtsp_transport" in msg and not (source or "").lower().startswith(("rtsp://", "rtsps://")):
+            raise StreamError("bad_field", "`rtsp_transport` applies to an rtsp:// source only", field="rtsp_transport")
         sid = session_id or secrets.token_urlsafe(12)
         kwargs = {"session_id": sid}
         if "system_prompt" in msg:
@@ -90,7 +92,7 @@ class Service:
         entry = Entry(sid, session, client, TokenBucket(self.limits.max_push_fps), send)
         self.entries[sid] = entry
         if source is not None:
-            entry.source = (source, msg.get("fps", 1.0))
+            entry.source = (source, msg.get("fps", 1.0), {k: msg[k] for k in ("rtsp_transport",) if k in msg})
         return entry
 
     def start(self, entry: Entry) -> None:
@@ -170,18 +172,19 @@ class Service:
         entry.session.submit_frame(frame.image, stamp)
         return True
 
-    async def _pump(self, entry: Entry, source: str, fps: float) -> None:
+    async def _pump(self, entry: Entry, source: str, fps: float, options: dict) -> None:
         try:
             from streamvz.sources import open_source
 
             def on_status(ev: dict) -> None:  # live sources: connected / disconnected / reconnecting / stalled
                 if ev.get("event") in ("connected", "disconnected", "reconnecting", "stalled"):
-                    fields = {k: v for k, v in ev.items() if k in ("attempt", "delay", "reason") and v is not None}
+                    fields = {k: v for k, v in ev.items()
+                              if k in ("attempt", "delay", "reason", "rtsp_transport") and v is not None}
                     asyncio.ensure_future(_maybe(entry.emit("status", session=entry.id, event="source_" + ev["event"],
                                                             **fields, **self.status(entry))))
 
             async with open_source(source, fps=fps, realtime=self.realtime_files and "://" not in source,
-                                   on_status=on_status) as src:
+                                   on_status=on_status, **options) as src:
                 entry.reader = src
                 async for frame in src:
                     await entry.session.add_frame(frame.image, t=frame.t)
