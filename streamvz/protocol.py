@@ -164,6 +164,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     },
     "cancel": {"id": (_ID, True)},
     "status": {},
+    "preview": {},  # the latest frame and thumbnails of the window, for people (the web page)
     "close": {},
 }
 COMMON = {"op", "v"}

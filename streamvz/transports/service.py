@@ -18,6 +18,7 @@ from typing import Awaitable, Callable
 from streamvz import protocol
 from streamvz.errors import StreamError
 from streamvz.protocol import Limits
+from streamvz.transports.preview import Previews
 from streamvz.transports.security import SourcePolicy, TokenBucket
 
 log = logging.getLogger("streamvz.serve")
@@ -39,6 +40,7 @@ class Entry:
     source_task: asyncio.Task | None = None
     source_state: str | None = None  # running | ended | failed
     reader: object = None  # the open server-side source: its drops count in frames_dropped
+    previews: Previews = field(default_factory=Previews)  # what the model sees, for the `preview` op
     asks: dict[str, asyncio.Task] = field(default_factory=dict)
     answers: dict[str, object] = field(default_factory=dict)  # engine Answers of running asks
     cancelled: set[str] = field(default_factory=set)
@@ -149,6 +151,10 @@ class Service:
     async def aclose(self) -> None:
         await asyncio.gather(*(self.close(e) for e in list(self.entries.values())), return_exceptions=True)
 
+    async def preview(self, entry: Entry) -> dict:
+        """The latest frame and thumbnails of the frames in the window (JPEG, base64)."""
+        return await asyncio.to_thread(entry.previews.render, entry.session.stats()["frames_in_window"])
+
     def status(self, entry: Entry) -> dict:
         stats = dict(entry.session.stats())
         stats["source"] = entry.source_state
@@ -170,6 +176,7 @@ class Service:
         frame = await asyncio.to_thread(protocol.parse_frame, data, self.limits, t)
         stamp = frame.t if frame.t is not None else time.monotonic() - entry.t0
         entry.session.submit_frame(frame.image, stamp)
+        entry.previews.add(frame.image, stamp)
         return True
 
     async def _pump(self, entry: Entry, source: str, fps: float, options: dict) -> None:
@@ -188,6 +195,7 @@ class Service:
                 entry.reader = src
                 async for frame in src:
                     await entry.session.add_frame(frame.image, t=frame.t)
+                    entry.previews.add(frame.image, frame.t)
             entry.source_state = "ended"
             await _maybe(entry.emit("status", session=entry.id, event="source_ended", **self.status(entry)))
         except asyncio.CancelledError:
