@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -72,7 +73,7 @@ def dump_state() -> None:
 
 
 async def cmd_serve(a, stopper) -> int:
-    from pipelines.ws_chat import ServeConfig, serve
+    from pipelines.ws_chat import QuietUntilBrokerUp, ServeConfig, broker_problem, serve
     from streamvz.protocol import Limits
 
     limits = Limits(max_sessions=a.max_sessions, max_sessions_per_client=a.sessions_per_client,
@@ -84,6 +85,18 @@ async def cmd_serve(a, stopper) -> int:
     loop, stop = asyncio.get_running_loop(), asyncio.Event()
     if hasattr(signal, "SIGUSR1"):  # POSIX: the loop takes signal handlers
         loop.add_signal_handler(signal.SIGUSR1, dump_state)
+    watcher = None
+    if a.transport in ("mqtt", "both"):
+        problem = await broker_problem(a.broker, a.broker_port)
+        if problem:  # said once, here; the transport's retry warnings stay quiet until the broker is up
+            print(f"streamvz: no MQTT broker reachable at {a.broker}:{a.broker_port} ({problem}).\n"
+                  f"  Start one, e.g. `mosquitto -p {a.broker_port}` (Debian: apt-get install mosquitto), or point "
+                  f"--broker/--broker-port at yours.\n  "
+                  + ("The websocket serves meanwhile; " if a.transport == "both" else "")
+                  + "MQTT connects as soon as the broker is up.", file=sys.stderr, flush=True)
+            quiet = QuietUntilBrokerUp(a.broker, a.broker_port)
+            logging.getLogger("streamvz.mqtt").addFilter(quiet)
+            watcher = asyncio.create_task(quiet.watch(lambda text: print(text, file=sys.stderr, flush=True)))
     async with make_engine(a, max_question_chars=a.max_question_chars) as engine:
         ready = loop.create_future()
         task = asyncio.create_task(serve(engine, cfg, ready, stop))
@@ -94,7 +107,11 @@ async def cmd_serve(a, stopper) -> int:
             print(f"streamvz: web page http://{a.host}:{port}/  websocket ws://{a.host}:{port}/ws", flush=True)
         if a.transport in ("mqtt", "both"):
             print(f"streamvz: MQTT via {a.broker}:{a.broker_port}, topics streamvz/<session>/...", flush=True)
-        await task
+        try:
+            await task
+        finally:
+            if watcher is not None:
+                watcher.cancel()
     return 0
 
 
@@ -227,11 +244,26 @@ async def _demo(a, media: str) -> int:
     return 0
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default, unless the help already says it or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default in (None, False, [], argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class TopHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The top-level help keeps the module docstring's layout (its examples)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run_stream.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="run_stream.py", description=__doc__, formatter_class=TopHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="log what the server does")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
 
     s = sub.add_parser("serve", help="run the server: websocket (+ web page) and/or MQTT",
                        description="Serve streamvz over a websocket (web page at /) and/or MQTT v5. "
@@ -258,10 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser("analyze", help="analyse a video file: answers and a timestamped summary (JSON + Markdown)",
                         description="Walk VIDEO at --fps, write a timeline summary every --summary-every seconds "
-                                    "and answer the --question(s). Exits 2 on bad input.")
+                                    "and answer the --question(s) once, at the end of the video, from the frames "
+                                    "still in the window (the last --window frames). Exits 2 on bad input; "
+                                    "Ctrl-C/SIGTERM writes the report so far, marked partial.")
     engine_args(an)
     an.add_argument("video", help="video file")
-    an.add_argument("-q", "--question", action="append", default=[], help="a question to answer (repeatable)")
+    an.add_argument("-q", "--question", action="append", default=[], help="a question, answered at the end of the video (repeatable)")
     an.add_argument("--summary-every", type=float, default=None,
                     help="seconds of video between timeline entries (default 30 when no question is given)")
     an.add_argument("--fps", type=float, default=1.0, help="frames per second sampled from the video")
@@ -311,12 +345,28 @@ async def run_command(command, a, stopper) -> int:
         return stopper.exit_code
 
 
+def quiet_libraries() -> None:
+    """No library chatter on a user's console (without -v): deprecation notices from transformers
+    and torch are about how streamvz calls them, which a user cannot act on, and weight-loading
+    progress bars say nothing. Our own warnings and errors still show."""
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|torch|huggingface_hub)\.")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv=None) -> int:
     from pipelines.console import Stopper, say
 
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not a.verbose:
+        quiet_libraries()
     commands = {"serve": cmd_serve, "analyze": cmd_analyze, "live": cmd_live, "demo": cmd_demo}
     with Stopper() as stopper:
         try:

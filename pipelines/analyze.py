@@ -75,7 +75,8 @@ class Analysis:
         for q in self.questions:
             answer = session.ask(q, max_new_tokens=self.max_tokens)
             text = await answer.result()
-            report["answers"].append({"question": q, "answer": text.strip(), "usage": answer.usage})
+            report["answers"].append({"question": q, "answer": text.strip(), "t": report["stopped_at_t"],
+                                      "usage": answer.usage})
         report.pop("stopped_at_t")  # the whole video was walked
 
     async def _summarise(self, session, t: float) -> None:
@@ -105,7 +106,8 @@ def to_markdown(report: dict) -> str:
         lines += [f"- **{_clock(e['t'])}** {e['text'] or '(no answer)'}" for e in report["summary"]]
         lines.append("")
     if report["answers"]:
-        lines += ["## Questions (answered at the end of the video, from the frames in the window)", ""]
+        at = _clock(report["answers"][0]["t"])
+        lines += [f"## Questions (answered at the end of the video, {at}, from the frames still in the window)", ""]
         for a in report["answers"]:
             lines += [f"**Q:** {a['question']}  ", f"**A:** {a['answer'] or '(no answer)'}", ""]
     return "\n".join(lines)

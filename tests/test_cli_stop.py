@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 from camera import LiveProcess
@@ -64,3 +65,29 @@ async def test_serve_stops_on_sigterm_mid_answer(tiny_llava):
             rc, waited = await asyncio.to_thread(srv.wait_exit, STOP_WITHIN_S + 20)
         assert_clean_stop(srv, rc, waited, 143)
     assert not re.search(r"Traceback|Error", "\n".join(srv.err))
+
+
+def test_serve_both_without_a_broker_says_so_once_and_how_to_start_one(tiny_llava):
+    from fixtures_serve import MOSQUITTO, Broker, free_port
+
+    port = free_port()
+    with LiveProcess("--model", tiny_llava, "--tokens-per-frame", "8", "--port", "0", "--transport", "both",
+                     "--broker-port", str(port), command="serve", stdin=None) as srv:
+        srv.wait_for(r"ws://127\.0\.0\.1:\d+/ws")  # the websocket serves meanwhile
+        srv.wait_for(rf"no MQTT broker reachable at 127\.0\.0\.1:{port} \(Connection refused\)", stream="err")
+        srv.wait_for(rf"Start one, e\.g\. `mosquitto -p {port}`", stream="err")
+        time.sleep(6)  # several of the transport's retries
+        assert sum("no MQTT broker" in line for line in srv.err) == 1
+        assert not any("broker connection lost" in line for line in srv.err), srv.err
+        if MOSQUITTO is not None:
+            broker = Broker(port=port).start()
+            try:
+                srv.wait_for(rf"MQTT broker at 127\.0\.0\.1:{port} is up; connecting", stream="err", timeout=30)
+            finally:
+                srv.signal(signal.SIGINT)
+                rc, waited = srv.wait_exit(STOP_WITHIN_S + 20)
+                broker.stop()
+        else:
+            srv.signal(signal.SIGINT)
+            rc, waited = srv.wait_exit(STOP_WITHIN_S + 20)
+        assert_clean_stop(srv, rc, waited, 130)
