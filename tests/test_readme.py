@@ -46,3 +46,21 @@ def test_readme_python_block_runs(index, tmp_path):
         assert "'finish_reason'" in r.stdout and "completion_tokens" in r.stdout
     if "vz.compress" in code:
         assert "torch.Size([1, 64, 384]) torch.Size([1, 54])" in r.stdout
+
+
+def test_help_shows_the_defaults_and_when_analyze_answers(capsys):
+    sys.path.insert(0, str(ROOT))
+    from run_stream import build_parser
+
+    shown = {}
+    for cmd in ("serve", "analyze", "live", "demo"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([cmd, "--help"])
+        shown[cmd] = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "--port PORT websocket/HTTP port (default: 8765)" in shown["serve"]
+    assert "(default: 64)" in shown["serve"]  # --tokens-per-frame, an engine option
+    assert "--every EVERY seconds of video between standing checks (default: 10.0)" in shown["live"]
+    assert "(default: auto)" in shown["live"] and "--json" in shown["live"]
+    assert "--seconds SECONDS length of the generated sample clip (default: 8.0)" in shown["demo"]
+    assert "once, at the end of the video, from the frames still in the window" in shown["analyze"]
+    assert "(default: None)" not in " ".join(shown.values())

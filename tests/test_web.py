@@ -17,7 +17,10 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed
 def server(tiny_llava, tmp_path_factory):
     root = tmp_path_factory.mktemp("media")
     write_h264(str(root / "clip.mp4"), 20, fps=10, size=(160, 96))
-    srv = ServerThread(tiny_llava, media_roots=[root]).start()
+    from streamvz.protocol import Limits
+
+    # Every browser here comes from 127.0.0.1 and leaves its session for the grace period.
+    srv = ServerThread(tiny_llava, media_roots=[root], limits=Limits(max_sessions_per_client=16)).start()
     yield srv
     srv.stop()
 
@@ -126,3 +129,26 @@ async def test_badge_keeps_a_dead_camera_visible(server):
             assert "camera lost at" in await browser.evaluate("document.getElementById('log').textContent")
         finally:
             await browser.stop()
+
+
+async def test_page_reads_a_udp_only_rtsp_camera(server):
+    """A stream URL with RTSP over "auto" (the page's default): TCP is refused, UDP works."""
+    from rtsp_server import FFMPEG, UdpOnlyRtspServer
+
+    if FFMPEG is None:
+        pytest.skip("ffmpeg not installed (make system-deps installs it)")
+    with UdpOnlyRtspServer() as cam:
+        browser = await Chromium().start(f"{server.http}/")
+        try:
+            await poll(browser, "document.readyState === 'complete' && window.svz")
+            assert await browser.evaluate("document.getElementById('rtsp-transport').value") == "auto"
+            await browser.evaluate(f"document.querySelector('input[value=url]').checked = true;"
+                                   f"document.getElementById('url').value = {json.dumps(cam.url)};"
+                                   "document.getElementById('start').click()")
+            await poll(browser, "window.svz.camera && window.svz.camera.state === 'live'", timeout=60)
+            assert "camera connected (RTSP over UDP)" in await browser.evaluate(
+                "document.getElementById('log').textContent")
+            assert not await browser.evaluate("window.svz.errors.length")
+        finally:
+            await browser.stop()
+    assert ["TCP" in t for t in cam.setups] == [True, False]
