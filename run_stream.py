@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import json
 import logging
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 
 from streamvz.errors import StreamError
@@ -175,73 +172,11 @@ async def cmd_live(a, stopper) -> int:
 
 # --- demo ----------------------------------------------------------------------------------
 
-async def _until(chat, ok, seconds: float) -> None:
-    """Poll the session's status until ok(status), or give up after `seconds`."""
-    for _ in range(int(seconds * 20)):
-        if ok(await chat.status()):
-            return
-        await asyncio.sleep(0.05)
-
-
 async def cmd_demo(a, stopper) -> int:
-    """Start a server on a free port, generate a sample clip, stream it, ask, print the answers."""
+    from pipelines.demo import demo
 
-    media = tempfile.mkdtemp(prefix="streamvz-demo-")
-    try:
-        return await _demo(a, media)
-    finally:
-        shutil.rmtree(media, ignore_errors=True)  # the generated clip
-
-
-async def _demo(a, media: str) -> int:
-    from clients.answer import usage_line
-    from clients.ws_chat import WsChat
-    from pipelines.sample import write_sample
-    from pipelines.ws_chat import ServeConfig, serve
-
-    clip = a.video or os.path.join(media, "sample.mp4")
-    questions = [(q, None) for q in a.ask]
-    if not a.video:
-        generated = write_sample(clip, seconds=a.seconds, fps=4)
-        questions = questions or generated
-    questions = questions or [("What is in the video?", None)]
-    print(f"demo: clip {clip}; loading {a.model} ...", flush=True)
-    t0 = time.perf_counter()
-    async with make_engine(a) as engine:
-        print(f"demo: model ready in {time.perf_counter() - t0:.1f}s", flush=True)
-        cfg = ServeConfig(port=0, media_roots=[os.path.dirname(os.path.abspath(clip))])
-        ready = asyncio.get_running_loop().create_future()
-        stop = asyncio.Event()
-        server = asyncio.create_task(serve(engine, cfg, ready, stop))
-        port = await ready
-        print(f"demo: server on ws://127.0.0.1:{port}/ws (web page http://127.0.0.1:{port}/)", flush=True)
-        try:
-            async with WsChat(f"ws://127.0.0.1:{port}/ws") as chat:
-                opened = await chat.open(source=os.path.basename(clip), fps=a.fps)
-                print(f"demo: session {opened['session']} watching {os.path.basename(clip)} at {a.fps:g} fps "
-                      "(played in real time)", flush=True)
-                await _until(chat, lambda st: st["frames_in_window"] >= 2, 30)  # the first question once a couple are in
-                interval = a.seconds / (len(questions) + 1)
-                for i, (q, expected) in enumerate(questions):
-                    if i and i == len(questions) - 1:  # the last once the whole clip is in: its "now" is the end
-                        await _until(chat, lambda st: st["source"] != "running" and not st["frames_pending"],
-                                     a.seconds + 60)
-                    elif i:
-                        await asyncio.sleep(interval)  # ask while the clip streams
-                    st = await chat.status()
-                    print(f"\n[{st['frames_seen']} frames seen, {st['frames_in_window']} in window, "
-                          f"{st['cache_tokens']} cache tokens]\nQ: {q}\nA: ", end="", flush=True)
-                    answer = chat.ask(q, max_tokens=a.max_tokens)
-                    async for delta in answer:
-                        print(delta, end="", flush=True)
-                    print(f"\n   ({usage_line(answer.usage)})"
-                          + (f"  expected at the end of the clip: {expected}" if expected else ""), flush=True)
-                await chat.close()
-        finally:
-            stop.set()
-            await server
-    print("\ndemo: done", flush=True)
-    return 0
+    return await demo(lambda: make_engine(a), a.model, video=a.video, asks=a.ask, seconds=a.seconds, fps=a.fps,
+                      max_tokens=a.max_tokens)
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -345,22 +280,8 @@ async def run_command(command, a, stopper) -> int:
         return stopper.exit_code
 
 
-def quiet_libraries() -> None:
-    """No library chatter on a user's console (without -v): deprecation notices from transformers
-    and torch are about how streamvz calls them, which a user cannot act on, and weight-loading
-    progress bars say nothing. Our own warnings and errors still show."""
-    import warnings
-
-    for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(transformers|torch|huggingface_hub)\.")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 def main(argv=None) -> int:
-    from pipelines.console import Stopper, say
+    from pipelines.console import Stopper, quiet_libraries, say
 
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,

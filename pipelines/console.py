@@ -5,6 +5,8 @@ stop (cancel its task, or set serve's stop event), so the command cleans up as i
 a normal end; a second signal exits at once. A clean stop that takes longer than `grace_s`
 (a decoder thread stuck in a C call, say) is ended the same way, so one Ctrl-C always stops.
 
+`quiet_libraries()`: no library deprecation notices or weight-loading bars on the console.
+
 `StdinLines`: lines typed on stdin as an async iterator. The event loop watches the
 descriptor (terminal or pipe); nothing blocks in a thread that shutdown would wait for
 (`run_in_executor(None, sys.stdin.readline)` held the process after Ctrl-C until Enter).
@@ -15,6 +17,7 @@ import asyncio
 import os
 import signal
 import threading
+import warnings
 from collections.abc import Callable
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -152,3 +155,15 @@ class StdinLines:
             self._queue.put_nowait(None)  # later readers see the end too
             raise StopAsyncIteration
         return line
+
+
+def quiet_libraries() -> None:
+    """No library chatter on a user's console (without -v): deprecation notices from transformers
+    and torch are about how streamvz calls them, which a user cannot act on, and weight-loading
+    progress bars say nothing. Our own warnings and errors still show."""
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|torch|huggingface_hub)\.")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
