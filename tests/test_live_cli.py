@@ -38,6 +38,7 @@ def stop_once(model: str, stdin: str | None, how: str) -> None:
         else:
             live.signal(getattr(signal, how))
         rc, waited = live.wait_exit(STOP_WITHIN_S + 20)
+        print(f"live ({stdin or 'no stdin'}, {how}): exit {rc} {waited:.2f} s after the signal")
         assert_clean_stop(live, rc, waited, 130 if how in ("ctrl-c", "SIGINT") else 143)
 
 

@@ -29,16 +29,21 @@ class Previews:
         self._thumbs.append((float(t), np.ascontiguousarray(image[::step, ::step])))
         self._latest = (float(t), image)
 
-    def render(self, frames_in_window: int) -> dict:
-        """{"latest": {"t", "jpeg"} | None, "window": [{"t", "jpeg"}, ...] oldest first}; JPEG as base64.
-        Blocking (PIL): call it in a thread."""
+    def pick(self, frames_in_window: int) -> tuple:
+        """What to show: (latest, window), taken on the event loop that records frames (a copy of
+        the list, so the encoding thread never iterates a deque the loop appends to)."""
         n = min(frames_in_window, len(self._thumbs))
-        window = list(self._thumbs)[len(self._thumbs) - n:] if n else []
-        latest = None
-        if self._latest is not None:
-            t, image = self._latest
-            latest = {"t": round(t, 3), "jpeg": _jpeg(image, LATEST_PX, 80)}
-        return {"latest": latest, "window": [{"t": round(t, 3), "jpeg": _jpeg(img, THUMB_PX, 70)} for t, img in window]}
+        return self._latest, list(self._thumbs)[len(self._thumbs) - n:] if n else []
+
+
+def render(latest, window) -> dict:
+    """{"latest": {"t", "jpeg"} | None, "window": [{"t", "jpeg"}, ...] oldest first}; JPEG as base64.
+    Blocking (PIL): call it in a thread."""
+    shown = None
+    if latest is not None:
+        t, image = latest
+        shown = {"t": round(t, 3), "jpeg": _jpeg(image, LATEST_PX, 80)}
+    return {"latest": shown, "window": [{"t": round(t, 3), "jpeg": _jpeg(img, THUMB_PX, 70)} for t, img in window]}
 
 
 def _jpeg(image: np.ndarray, longest: int, quality: int) -> str:

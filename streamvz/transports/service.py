@@ -18,7 +18,7 @@ from typing import Awaitable, Callable
 from streamvz import protocol
 from streamvz.errors import StreamError
 from streamvz.protocol import Limits
-from streamvz.transports.preview import Previews
+from streamvz.transports.preview import Previews, render as render_previews
 from streamvz.transports.security import SourcePolicy, TokenBucket
 
 log = logging.getLogger("streamvz.serve")
@@ -153,7 +153,7 @@ class Service:
 
     async def preview(self, entry: Entry) -> dict:
         """The latest frame and thumbnails of the frames in the window (JPEG, base64)."""
-        return await asyncio.to_thread(entry.previews.render, entry.session.stats()["frames_in_window"])
+        return await asyncio.to_thread(render_previews, *entry.previews.pick(entry.session.stats()["frames_in_window"]))
 
     def status(self, entry: Entry) -> dict:
         stats = dict(entry.session.stats())
