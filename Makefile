@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) system-deps
 
 # Debian packages the tests use, installed only when missing: mosquitto + its stock clients
-# (MQTT tests, `serve --transport mqtt`), chromium (web page test), openssl (MQTT TLS test).
-APT_NEEDS := mosquitto:mosquitto mosquitto_pub:mosquitto-clients chromium:chromium openssl:openssl
+# (MQTT tests, `serve --transport mqtt`), chromium (web page test), openssl (MQTT TLS test),
+# ffmpeg (the camera in the live CLI tests: a real process streaming over HTTP, TCP, RTP).
+APT_NEEDS := mosquitto:mosquitto mosquitto_pub:mosquitto-clients chromium:chromium openssl:openssl ffmpeg:ffmpeg
 system-deps:
 	@missing=""; for pair in $(APT_NEEDS); do cmd=$${pair%%:*}; pkg=$${pair#*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$pkg"; done; \

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import signal
 import sys
-import tempfile
 import time
 
 from streamvz.config import DEFAULTS
@@ -82,8 +82,8 @@ def dump_state() -> None:
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
 
 
-async def cmd_serve(a) -> int:
-    from pipelines.ws_chat import ServeConfig, serve
+async def cmd_serve(a, stopper) -> int:
+    from pipelines.ws_chat import QuietUntilBrokerUp, ServeConfig, broker_problem, serve
     from streamvz.protocol import Limits
 
     a.broker, a.broker_port = broker_address(a.broker, a.broker_port)
@@ -98,31 +98,39 @@ async def cmd_serve(a) -> int:
                       origins=a.origin, grace_s=a.grace, limits=limits, group=a.group, worker_id=a.worker_id,
                       keepalive=a.keepalive, backend=broker_address(a.backend, 1883) if a.backend else None)
     loop, stop = asyncio.get_running_loop(), asyncio.Event()
-
-    def shutdown():
-        stop.set()
-        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C interrupts a shutdown that hangs
-            loop.remove_signal_handler(sig)
-
     if hasattr(signal, "SIGUSR1"):  # POSIX: the loop takes signal handlers
         loop.add_signal_handler(signal.SIGUSR1, dump_state)
-        # SIGINT/SIGTERM set `stop` through the loop, so shutdown is always serve's own cleanup. (Left to
-        # KeyboardInterrupt, uvloop sometimes never cancelled the main task and serve hung; the serve test's dump.)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, shutdown)
     if a.backend and a.transport != "ws":
         raise StreamError("bad_argument", "--backend makes a websocket gateway: use it with --transport ws")
+    watcher = None
+    if a.transport in ("mqtt", "both"):
+        problem = await broker_problem(a.broker, a.broker_port)
+        if problem:  # said once, here; the transport's retry warnings stay quiet until the broker is up
+            print(f"streamvz: no MQTT broker reachable at {a.broker}:{a.broker_port} ({problem}).\n"
+                  f"  Start one, e.g. `mosquitto -p {a.broker_port}` (Debian: apt-get install mosquitto), or point "
+                  f"--broker/--broker-port at yours.\n  "
+                  + ("The websocket serves meanwhile; " if a.transport == "both" else "")
+                  + "MQTT connects as soon as the broker is up.", file=sys.stderr, flush=True)
+            quiet = QuietUntilBrokerUp(a.broker, a.broker_port)
+            logging.getLogger("streamvz.mqtt").addFilter(quiet)
+            watcher = asyncio.create_task(quiet.watch(lambda text: print(text, file=sys.stderr, flush=True)))
     # A gateway holds no model: its sessions live on the pool workers.
     async with (contextlib.nullcontext() if a.backend else make_engine(a, max_question_chars=a.max_question_chars)) as engine:
         ready = loop.create_future()
         task = asyncio.create_task(serve(engine, cfg, ready, stop))
+        # From here a signal ends serve through its own cleanup (sessions closed, transports shut).
+        stopper.on_stop = stop.set
         port = await ready
         if port is not None:
             print(f"streamvz: web page http://{a.host}:{port}/  websocket ws://{a.host}:{port}/ws", flush=True)
         if a.transport in ("mqtt", "both"):
             print(f"streamvz: MQTT via {a.broker}:{a.broker_port}, topics streamvz/<session>/..."
                   + (f", pool {a.group!r}" if a.group else ""), flush=True)
-        await task
+        try:
+            await task
+        finally:
+            if watcher is not None:
+                watcher.cancel()
     return 0
 
 
@@ -149,26 +157,32 @@ def pool_args(p: argparse.ArgumentParser, group: str | None) -> None:
 
 # --- analyze -------------------------------------------------------------------------------
 
-async def cmd_analyze(a) -> int:
+async def cmd_analyze(a, stopper) -> int:
     if a.ray and not _ray_address(a.ray):  # `--ray FILE ...`: argparse took the first file for the address
         a.video.insert(0, a.ray)
         a.ray = "local"
     if a.ray or len(a.video) > 1 or a.segments > 1:
         return await cmd_analyze_job(a)
     a.video = a.video[0]
-    from pipelines.analyze import analyze, to_markdown
+    from pipelines.analyze import Analysis, to_markdown
     from streamvz.sources import probe
 
     probe(a.video)  # bad input fails here, in a second, not after loading the model
     if not a.question and not a.summary_every:
         a.summary_every = 30.0
-    async with make_engine(a) as engine:
-        report = await analyze(engine, a.video, a.question, a.summary_every, a.fps, a.max_tokens,
-                               progress=not a.quiet, out=a.out)
-    if a.out:
-        print(f"wrote {a.out}.json and {a.out}.md", file=sys.stderr)
-    else:
-        print(to_markdown(report))
+    job = None
+    try:
+        async with make_engine(a) as engine:
+            job = Analysis(engine, a.video, a.question, a.summary_every, a.fps, a.max_tokens,
+                           progress=not a.quiet, out=a.out)
+            await job.run()
+    finally:
+        if job is not None and (job.report["partial"] or not sys.exc_info()[0]):
+            if a.out:
+                kind = "partial report" if job.report["partial"] else "report"
+                print(f"wrote {kind} {a.out}.json and {a.out}.md", file=sys.stderr)
+            else:
+                print(to_markdown(job.report), flush=True)
     return 0
 
 
@@ -207,98 +221,66 @@ async def cmd_analyze_job(a) -> int:
 
 # --- live ----------------------------------------------------------------------------------
 
-async def cmd_live(a) -> int:
+async def cmd_live(a, stopper) -> int:
+    from pipelines.console import StdinLines
     from pipelines.live_qa import LiveQA
+    from pipelines.live_report import Printer
 
+    show = Printer(json_lines=a.json)
     async with make_engine(a) as engine:
+        options = {"rtsp_transport": a.rtsp_transport} if a.source.lower().startswith(("rtsp://", "rtsps://")) else {}
         live = LiveQA(engine, a.source, a.watch, every=a.every, fps=a.fps, realtime=a.realtime,
-                      on_alert=lambda alert: print(json.dumps(alert), flush=True))
-        run = asyncio.create_task(live.run())
-        loop = asyncio.get_running_loop()
+                      on_alert=show, on_event=show, source_options=options)
 
         async def questions():
-            while True:
-                line = await loop.run_in_executor(None, sys.stdin.readline)
-                if not line:
-                    return
-                if line.strip():
-                    print(json.dumps({"question": line.strip(), "answer": await live.ask(line.strip())}), flush=True)
+            async with StdinLines() as lines:
+                async for line in lines:
+                    show({"question": line, "answer": await live.ask(line), "time": time.time()})
 
+        run = asyncio.create_task(live.run())
         asking = asyncio.create_task(questions()) if not a.no_stdin else None
-        await run
-        if asking:
-            asking.cancel()
+        try:
+            await run
+        except StreamError as e:  # the camera never came back (or never answered): say so, then exit 2
+            show({"event": "gone", "code": e.code, "message": e.message, "time": time.time()})
+            raise
+        finally:  # stopped or ended: nothing left running when the engine closes
+            for task in (run, asking):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(run, *([asking] if asking else []), return_exceptions=True)
     return 0
 
 
 # --- demo ----------------------------------------------------------------------------------
 
-async def _until(chat, ok, seconds: float) -> None:
-    """Poll the session's status until ok(status), or give up after `seconds`."""
-    for _ in range(int(seconds * 20)):
-        if ok(await chat.status()):
-            return
-        await asyncio.sleep(0.05)
+async def cmd_demo(a, stopper) -> int:
+    from pipelines.demo import demo
+
+    return await demo(lambda: make_engine(a), a.model, video=a.video, asks=a.ask, seconds=a.seconds, fps=a.fps,
+                      max_tokens=a.max_tokens)
 
 
-async def cmd_demo(a) -> int:
-    """Start a server on a free port, generate a sample clip, stream it, ask, print the answers."""
-    from clients.answer import usage_line
-    from clients.ws_chat import WsChat
-    from pipelines.sample import write_sample
-    from pipelines.ws_chat import ServeConfig, serve
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default, unless the help already says it or there is none to show."""
 
-    media = tempfile.mkdtemp(prefix="streamvz-demo-")
-    clip = a.video or os.path.join(media, "sample.mp4")
-    questions = [(q, None) for q in a.ask]
-    if not a.video:
-        generated = write_sample(clip, seconds=a.seconds, fps=4)
-        questions = questions or generated
-    questions = questions or [("What is in the video?", None)]
-    print(f"demo: clip {clip}; loading {a.model} ...", flush=True)
-    t0 = time.perf_counter()
-    async with make_engine(a) as engine:
-        print(f"demo: model ready in {time.perf_counter() - t0:.1f}s", flush=True)
-        cfg = ServeConfig(port=0, media_roots=[os.path.dirname(os.path.abspath(clip))])
-        ready = asyncio.get_running_loop().create_future()
-        stop = asyncio.Event()
-        server = asyncio.create_task(serve(engine, cfg, ready, stop))
-        port = await ready
-        print(f"demo: server on ws://127.0.0.1:{port}/ws (web page http://127.0.0.1:{port}/)", flush=True)
-        try:
-            async with WsChat(f"ws://127.0.0.1:{port}/ws") as chat:
-                opened = await chat.open(source=os.path.basename(clip), fps=a.fps)
-                print(f"demo: session {opened['session']} watching {os.path.basename(clip)} at {a.fps:g} fps "
-                      "(played in real time)", flush=True)
-                await _until(chat, lambda st: st["frames_in_window"] >= 2, 30)  # the first question once a couple are in
-                interval = a.seconds / (len(questions) + 1)
-                for i, (q, expected) in enumerate(questions):
-                    if i and i == len(questions) - 1:  # the last once the whole clip is in: its "now" is the end
-                        await _until(chat, lambda st: st["source"] != "running" and not st["frames_pending"],
-                                     a.seconds + 60)
-                    elif i:
-                        await asyncio.sleep(interval)  # ask while the clip streams
-                    st = await chat.status()
-                    print(f"\n[{st['frames_seen']} frames seen, {st['frames_in_window']} in window, "
-                          f"{st['cache_tokens']} cache tokens]\nQ: {q}\nA: ", end="", flush=True)
-                    answer = chat.ask(q, max_tokens=a.max_tokens)
-                    async for delta in answer:
-                        print(delta, end="", flush=True)
-                    print(f"\n   ({usage_line(answer.usage)})"
-                          + (f"  expected at the end of the clip: {expected}" if expected else ""), flush=True)
-                await chat.close()
-        finally:
-            stop.set()
-            await server
-    print("\ndemo: done", flush=True)
-    return 0
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default in (None, False, [], argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class TopHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The top-level help keeps the module docstring's layout (its examples)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run_stream.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="run_stream.py", description=__doc__, formatter_class=TopHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="log what the server does")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
 
     s = sub.add_parser("serve", help="run the server: websocket (+ web page) and/or MQTT",
                        description="Serve streamvz over a websocket (web page at /) and/or MQTT v5. "
@@ -364,10 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser("analyze", help="analyse a video file: answers and a timestamped summary (JSON + Markdown)",
                         description="Walk VIDEO at --fps, write a timeline summary every --summary-every seconds "
-                                    "and answer the --question(s). Exits 2 on bad input.")
+                                    "and answer the --question(s) once, at the end of the video, from the frames "
+                                    "still in the window (the last --window frames). Exits 2 on bad input; "
+                                    "Ctrl-C/SIGTERM writes the report so far, marked partial.")
     engine_args(an)
     an.add_argument("video", nargs="+", help="video file(s)")
-    an.add_argument("-q", "--question", action="append", default=[], help="a question to answer (repeatable)")
+    an.add_argument("-q", "--question", action="append", default=[], help="a question, answered at the end of the video (repeatable)")
     an.add_argument("--summary-every", type=float, default=None,
                     help="seconds of video between timeline entries (default 30 when no question is given)")
     an.add_argument("--fps", type=float, default=1.0, help="frames per second sampled from the video")
@@ -393,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--fps", type=float, default=1.0, help="frames per second sampled")
     lv.add_argument("--realtime", action="store_true", help="play a file at its own pace, as if live")
     lv.add_argument("--no-stdin", action="store_true", help="do not read ad-hoc questions from stdin")
+    lv.add_argument("--rtsp-transport", choices=["auto", "tcp", "udp"], default="auto",
+                    help="how an rtsp:// camera sends its video: auto tries TCP, then UDP")
+    lv.add_argument("--json", action="store_true",
+                    help="print one JSON object per line (camera events, first answers, alerts, answers) "
+                         "instead of plain words")
 
     d = sub.add_parser("demo", help="start a server, stream a generated sample clip, ask questions, print answers",
                        description="The end-to-end demo on the embedded model: a server on a free port, a generated "
@@ -407,18 +396,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+async def run_command(command, a, stopper) -> int:
+    """Run one command as a task that the first SIGINT/SIGTERM cancels (serve: stops)."""
+    task = asyncio.ensure_future(command(a, stopper))
+    stopper.attach(asyncio.get_running_loop(), task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if stopper.signum is None:
+            raise
+        return stopper.exit_code
+
+
 def main(argv=None) -> int:
+    from pipelines.console import Stopper, quiet_libraries, say
+
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not a.verbose:
+        quiet_libraries()
     commands = {"serve": cmd_serve, "worker": cmd_serve, "analyze": cmd_analyze, "live": cmd_live, "demo": cmd_demo}
-    try:
-        return _run(commands[a.cmd](a))
-    except StreamError as e:
-        print(f"error [{e.code}]: {e.message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    with Stopper() as stopper:
+        try:
+            code = _run(run_command(commands[a.cmd], a, stopper))
+        except StreamError as e:
+            print(f"error [{e.code}]: {e.message}", file=sys.stderr)
+            return 2
+        if stopper.signum is not None:
+            say("streamvz: stopped")
+            return stopper.exit_code
+        return code
 
 
 if __name__ == "__main__":

@@ -110,3 +110,35 @@ async def _serve(engine, cfg: ServeConfig, ready: asyncio.Future | None, stop: a
             await stop.wait()
         finally:
             await service.aclose()
+
+
+async def broker_problem(host: str, port: int, timeout: float = 2.0) -> str | None:
+    """Why the MQTT broker at host:port cannot be reached (a TCP connect), or None if it can."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except TimeoutError:
+        return f"no answer within {timeout:g} s"
+    except OSError as e:
+        return e.strerror or str(e)
+    writer.close()
+    return None
+
+
+class QuietUntilBrokerUp(logging.Filter):
+    """While the broker is known to be down (and the user was told once, with how to start one),
+    drop the MQTT transport's retry warnings; `watch()` polls the port and says when it is up."""
+
+    def __init__(self, host: str, port: int):
+        super().__init__()
+        self.host, self.port, self.down = host, port, True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.down and record.getMessage().startswith("mqtt: broker connection lost"))
+
+    async def watch(self, say, every: float = 2.0) -> None:
+        while self.down:
+            await asyncio.sleep(every)
+            if await broker_problem(self.host, self.port) is None:
+                self.down = False
+                say(f"streamvz: MQTT broker at {self.host}:{self.port} is up; connecting")
+

@@ -141,6 +141,14 @@ def _number(lo: float, hi: float, integer: bool = False):
     return check
 
 
+def _choice(*values: str):
+    def check(name, v, limits):
+        if v not in values or not isinstance(v, str):
+            raise StreamError("bad_field", f"`{name}` must be one of {list(values)}", field=name)
+        return v
+    return check
+
+
 def _question(name, v, limits):
     return _str(limits.max_question_chars)(name, v, limits)
 
@@ -157,6 +165,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "source": (_str(2048), False),  # server-side source: URL or a file under allowed roots
         "fps": (_number(0.01, 60.0), False),
         "system_prompt": (_str(4000, allow_empty=True), False),
+        "rtsp_transport": (_choice("auto", "tcp", "udp"), False),  # rtsp:// sources: auto = TCP, then UDP
     },
     "ask": {
         "id": (_ID, True),
@@ -168,6 +177,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     },
     "cancel": {"id": (_ID, True)},
     "status": {},
+    "preview": {},  # the latest frame and thumbnails of the window, for people (the web page)
     "close": {},
 }
 COMMON = {"op", "v"}

@@ -179,6 +179,20 @@ class Chromium:
             if msg.get("id") == my:
                 return msg.get("result", {}).get("result", {}).get("value")
 
+    async def screenshot(self, path: str) -> str:
+        """A PNG of the page as it is rendered now (DevTools Page.captureScreenshot)."""
+        import base64
+
+        self._id += 1
+        my = self._id
+        await self.ws.send(json.dumps({"id": my, "method": "Page.captureScreenshot", "params": {"format": "png"}}))
+        while True:
+            msg = json.loads(await self.ws.recv())
+            if msg.get("id") == my:
+                with open(path, "wb") as f:
+                    f.write(base64.b64decode(msg["result"]["data"]))
+                return path
+
     async def stop(self):
         if self.ws is not None:
             await self.ws.close()

@@ -425,3 +425,34 @@ async def test_live_resolution_limit_is_not_retried():
                 pass
     assert e.value.code == "resolution_too_large"
     assert not any(ev["event"] == "reconnecting" for ev in events)
+
+
+# ---- RTSP: transport choice against a server that offers only UDP ------------------
+
+@pytest.mark.skipif(__import__("shutil").which("ffmpeg") is None, reason="ffmpeg not installed")
+@pytest.mark.parametrize("transport", ["auto", "udp", "tcp"])
+async def test_rtsp_transport_with_a_udp_only_camera(transport):
+    from rtsp_server import UdpOnlyRtspServer
+
+    events = []
+    with UdpOnlyRtspServer() as cam:
+        src = open_source(cam.url, rtsp_transport=transport, reconnect=False, open_retries=0,
+                          on_status=events.append, **LIVE)
+        if transport == "tcp":  # RTP over TCP is what this camera refuses
+            with pytest.raises(SourceError) as e:
+                async with src:
+                    pass
+            assert e.value.code == "unreachable_url"
+            assert ["TCP" in t for t in cam.setups] == [True]
+            return
+        async with src:
+            frames = await collect(src, limit=5)
+    assert len(frames) == 5 and frames[0].image.shape == (96, 160, 3)
+    assert src.rtsp_transport_used == "udp" == events[0]["rtsp_transport"]
+    # auto asked for TCP first, then UDP; udp asked for UDP only
+    assert ["TCP" in t for t in cam.setups] == ([True, False] if transport == "auto" else [False])
+
+
+def test_rtsp_transport_is_checked():
+    with pytest.raises(ValueError):
+        LiveSource("rtsp://127.0.0.1:1/x", rtsp_transport="http")

@@ -5,7 +5,8 @@
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 // window.svz is what the page test reads: counts and the text of the last answer.
-const svz = (window.svz = { session: null, tokens: 0, answers: {}, done: {}, errors: [], frames: 0 });
+const svz = (window.svz = { session: null, tokens: 0, answers: {}, done: {}, errors: [], frames: 0,
+                            camera: null, preview: null });
 let ws = null, pushTimer = null, nextId = 1, stream = null;
 
 function log(cls, text) {
@@ -50,17 +51,74 @@ function onMessage(m) {
     }
     case "closed":
       svz.session = null;
+      $("camera").className = "";
       $("status").textContent = `session ${m.session} closed`;
       break;
     case "status":
-      $("status").textContent = `session ${m.session}: ${m.frames_seen} frames seen, ${m.frames_in_window} in window, ${m.frames_dropped} dropped` + (m.event ? ` (${m.event})` : "");
+      // The periodic poll only updates the counts; the camera badge changes on source events only.
+      $("status").textContent = `session ${m.session}: ${m.frames_seen} frames seen, ${m.frames_in_window} in window, ${m.frames_dropped} dropped`;
+      if (m.event) cameraEvent(m);
+      break;
+    case "preview":
+      showPreview(m);
       break;
     case "error":
       svz.errors.push(m);
       log("err", `error ${m.code}: ${m.message}`);
+      if (m.code === "unreachable_url" || m.code === "source_stalled") setCamera("gone");
       break;
   }
 }
+// Camera badge: live / reconnecting (gone since HH:MM:SS) / gone since HH:MM:SS / ended.
+const clock = (d) => d.toTimeString().slice(0, 8);
+function setCamera(state, detail) {
+  const prev = svz.camera;
+  const since = state === "live" || state === "connecting" ? null : (prev && prev.since) || new Date();
+  svz.camera = { state, since, detail: detail || "" };
+  const b = $("camera");
+  b.className = state === "connecting" ? "reconnecting" : state;
+  const text = {
+    live: () => "● camera live",
+    connecting: () => "camera connecting…",
+    reconnecting: () => `camera reconnecting${detail ? " " + detail : ""}, gone since ${clock(since)}`,
+    gone: () => `camera gone since ${clock(since)}`,
+    ended: () => "video ended",
+  }[state];
+  b.textContent = text();
+}
+function cameraEvent(m) {
+  if (m.event === "source_connected") {
+    setCamera("live");
+    if (m.rtsp_transport) log("meta", `camera connected (RTSP over ${m.rtsp_transport.toUpperCase()})`);
+  } else if (m.event === "source_disconnected" || m.event === "source_stalled") {
+    if (!svz.camera || svz.camera.state === "live") log("meta", `camera lost at ${clock(new Date())}`);
+    setCamera("reconnecting");
+  } else if (m.event === "source_reconnecting") {
+    setCamera("reconnecting", `(attempt ${m.attempt})`);
+  } else if (m.event === "source_ended") {
+    setCamera("ended");
+  }
+}
+
+// What the model sees: the latest frame and thumbnails of the frames in its window.
+function showPreview(m) {
+  svz.preview = { t: m.latest ? m.latest.t : null, window: m.window.length };
+  if (!m.latest) return;
+  $("sees").className = "on";
+  $("latest").src = "data:image/jpeg;base64," + m.latest.jpeg;
+  $("latest-caption").textContent = `what the model sees: the latest frame, t = ${m.latest.t.toFixed(1)} s`;
+  const strip = $("strip");
+  strip.replaceChildren(...m.window.map((f) => {
+    const fig = document.createElement("figure");
+    const img = document.createElement("img");
+    img.src = "data:image/jpeg;base64," + f.jpeg;
+    const cap = document.createElement("figcaption");
+    cap.textContent = `${f.t.toFixed(1)} s`;
+    fig.append(img, cap);
+    return fig;
+  }));
+}
+
 const fmt = (x) => (typeof x === "number" ? x.toFixed(2) : "?");
 const send = (obj) => ws.send(JSON.stringify({ v: 1, ...obj }));
 
@@ -73,7 +131,9 @@ async function start() {
     const open = { op: "open", fps };
     if (kind === "server") open.source = $("server-video").value;
     if (kind === "url") open.source = $("url").value;
+    if (kind === "url" && /^rtsps?:\/\//i.test(open.source)) open.rtsp_transport = $("rtsp-transport").value;
     send(open);
+    if (open.source && /^[a-z]+:\/\//i.test(open.source)) setCamera("connecting");
     if (kind === "file" || kind === "camera") await startPush(kind, fps);
     $("stop").disabled = false;
   } catch (e) {
@@ -137,6 +197,7 @@ $("ask").onsubmit = (e) => {
   $("question").value = "";
 };
 setInterval(() => svz.session && ws.readyState === WebSocket.OPEN && send({ op: "status" }), 2000);
+setInterval(() => svz.session && ws.readyState === WebSocket.OPEN && send({ op: "preview" }), 1500);
 
 // The video list needs the same bearer token as the websocket when the server has one.
 const auth = params.get("token") ? { headers: { Authorization: `Bearer ${params.get("token")}` } } : {};

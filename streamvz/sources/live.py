@@ -16,6 +16,10 @@ SourceError("source_stalled") (or "unreachable_url" if the source never came bac
 an error). Problems with the stream itself (no video, unknown codec, too many pixels) are
 not retried.
 
+RTSP: `rtsp_transport` "tcp" (RTP interleaved in the RTSP connection), "udp", or "auto" (the
+default: TCP, then UDP, so cameras that offer only UDP work too); "connected" events carry
+the `rtsp_transport` that worked.
+
 Timestamps come from the stream's clock: seconds since the first frame. After a reconnect
 (the sender's clock may restart at zero) they continue from the wall-clock time since the
 source started, so `t` never goes backwards. A realtime file is paced to its own clock.
@@ -34,6 +38,7 @@ from .frame import Frame, SourceError
 from .stream import RateSampler, StatusCallback, ThreadedSource
 
 log = logging.getLogger(__name__)
+RTSP_TRANSPORTS = ("auto", "tcp", "udp")
 _FATAL = ("not_a_video", "unsupported_codec", "resolution_too_large", "file_not_found",
           "empty_video", "corrupt_video")
 
@@ -51,7 +56,7 @@ class LiveSource(ThreadedSource):
     consumer is slower than real time (counted in `frames_dropped`)."""
 
     def __init__(self, url, fps: float | None = None, *, realtime: bool = False, loop: bool = False,
-                 rtsp_transport: str = "tcp", format: str | None = None, options: dict | None = None,
+                 rtsp_transport: str = "auto", format: str | None = None, options: dict | None = None,
                  open_timeout: float = 5.0, stall_timeout: float = 5.0, open_retries: int = 2,
                  reconnect: bool = True, max_reconnects: int | None = None,
                  backoff: tuple[float, float] = (0.5, 8.0), max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -61,8 +66,8 @@ class LiveSource(ThreadedSource):
                          stop_timeout=stop_timeout)
         if fps is not None and not fps > 0:
             raise ValueError("fps must be > 0")
-        if rtsp_transport not in ("tcp", "udp"):
-            raise ValueError("rtsp_transport must be 'tcp' or 'udp'")
+        if rtsp_transport not in RTSP_TRANSPORTS:
+            raise ValueError(f"rtsp_transport must be one of {RTSP_TRANSPORTS}")
         self.url = os.fspath(url)
         self.name = _redact(self.url)
         self.fps, self.realtime, self.loop = fps, realtime, loop
@@ -71,6 +76,10 @@ class LiveSource(ThreadedSource):
         self.open_retries, self.reconnect, self.max_reconnects = open_retries, reconnect, max_reconnects
         self.backoff, self.max_pixels = backoff, max_pixels
         self.reconnects = 0  # successful reconnections so far
+        # RTSP: the lower transports to try, in order ("auto": TCP, then UDP for servers that offer
+        # only UDP); the one that worked goes first on a reconnect. `rtsp_transport_used` says which.
+        self._rtsp_order = ["tcp", "udp"] if rtsp_transport == "auto" else [rtsp_transport]
+        self.rtsp_transport_used: str | None = None
         self.device = self.url.startswith("/dev/video")
         self.is_file = not self.device and "://" not in self.url
         if self.is_file and not realtime:
@@ -82,7 +91,33 @@ class LiveSource(ThreadedSource):
 
     # -- connecting --
     def _connect(self):
-        opts = dict(self.options)
+        if not self.url.lower().startswith(("rtsp://", "rtsps://")) or "rtsp_transport" in self.options:
+            return self._connect_with({})
+        failed: list[SourceError] = []
+        for transport in list(self._rtsp_order):
+            if failed and self.stopping:
+                break
+            try:
+                c = self._connect_with({"rtsp_transport": transport})
+            except SourceError as e:
+                if e.code != "unreachable_url":
+                    raise
+                failed.append(e)
+                continue
+            self.rtsp_transport_used = transport
+            self._rtsp_order.remove(transport)
+            self._rtsp_order.insert(0, transport)
+            return c
+        if len(failed) == 1:
+            raise failed[0]
+        tried = "; ".join(f"over {t.upper()}: {e.message}" for t, e in zip(self._rtsp_order, failed))
+        raise SourceError("unreachable_url", f"cannot open {self.name} {tried}", url=self.name)
+
+    def _via(self) -> dict:
+        return {"rtsp_transport": self.rtsp_transport_used} if self.rtsp_transport_used else {}
+
+    def _connect_with(self, extra: dict):
+        opts = {**self.options, **extra}
         fmt = self.format
         timeout = None
         low = self.url.lower()
@@ -90,9 +125,7 @@ class LiveSource(ThreadedSource):
             timeout = (self.open_timeout, self.stall_timeout)
             opts.setdefault("analyzeduration", "1000000")  # 1 s: live streams start fast
             opts.setdefault("probesize", "1000000")
-        if low.startswith(("rtsp://", "rtsps://")):
-            opts.setdefault("rtsp_transport", self.rtsp_transport)
-        elif low.startswith("udp://"):
+        if low.startswith("udp://"):
             opts.setdefault("overrun_nonfatal", "1")
             opts.setdefault("fifo_size", "100000")
         elif self.device and fmt is None:
@@ -131,13 +164,14 @@ class LiveSource(ThreadedSource):
                 if self.stopping:  # cancelled while connecting
                     self._close()
                     return
-                self._status("connected", reconnects=0)
+                self._status("connected", reconnects=0, **self._via())
                 return
             except SourceError as e:
                 if e.code != "unreachable_url" or attempt == self.open_retries or self.stopping:
                     raise
                 self._status("reconnecting", attempt=attempt + 1, delay=delay, message=e.message)
-                time.sleep(delay)
+                if self._stop.wait(delay):  # told to stop while waiting to retry
+                    return
                 delay = min(self.backoff[1], delay * 2)
 
     def _close(self) -> None:
@@ -266,5 +300,5 @@ class LiveSource(ThreadedSource):
                 c.close()
                 return None
             self.reconnects += 1
-            self._status("connected", reconnects=self.reconnects)
+            self._status("connected", reconnects=self.reconnects, **self._via())
             return c

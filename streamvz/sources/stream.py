@@ -80,6 +80,9 @@ class _Channel:
         self._wake()
         return True
 
+    def __len__(self) -> int:
+        return len(self._items)  # a racy read is fine: it is a gauge
+
     def finish(self, error: BaseException | None) -> None:
         with self._cond:
             self._end = (error,)
@@ -143,7 +146,12 @@ class ThreadedSource:
 
     @property
     def frames_dropped(self) -> int:
-        return self._chan.dropped if self._chan else 0
+        return self._chan.dropped if self._chan is not None else 0
+
+    @property
+    def frames_queued(self) -> int:
+        """Frames decoded and waiting for the consumer: frames_read = taken + queued + dropped."""
+        return len(self._chan) if self._chan is not None else 0
 
     def _status(self, event: str, **fields) -> None:
         """Report a status event (from any thread); the callback runs on the event loop."""
@@ -171,18 +179,37 @@ class ThreadedSource:
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
+        self._chan = _Channel(self._loop, self.queue_size, self.drop_oldest)
+        opened = self._loop.create_future()
+        # The open (connect, retries) runs on the daemon decoder thread too: in the loop's default
+        # executor a cancelled open would go on and hold the process at exit until it gave up.
+        self._thread = threading.Thread(target=self._run, args=(opened,), name=f"decode:{self.name}", daemon=True)
+        self._thread.start()
+        try:
+            await opened
+        except asyncio.CancelledError:
+            self._stop.set()
+            raise
+
+    def _resolve(self, fut: asyncio.Future, error: BaseException | None) -> None:
+        def done():
+            if not fut.done():
+                fut.set_result(None) if error is None else fut.set_exception(error)
+        try:
+            self._loop.call_soon_threadsafe(done)
+        except RuntimeError:  # loop closed: nobody waits any more
+            pass
+
+    def _run(self, opened: asyncio.Future) -> None:
         if not self._opened:
             try:
-                await asyncio.to_thread(self._open)
-            except asyncio.CancelledError:  # the open goes on in its thread: let it clean up
-                self._stop.set()
-                raise
-            self._opened = True
-        self._chan = _Channel(self._loop, self.queue_size, self.drop_oldest)
-        self._thread = threading.Thread(target=self._run, name=f"decode:{self.name}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
+                self._open()
+                self._opened = True
+            except BaseException as e:  # raised from start(), where `async with` fails up front
+                self._resolve(opened, e)
+                self._chan.finish(e)
+                return
+        self._resolve(opened, None)
         error: BaseException | None = None
 
         def emit(frame: Frame) -> bool:
@@ -207,7 +234,7 @@ class ThreadedSource:
     async def aclose(self) -> None:
         """Stop the decoder thread and wait (up to stop_timeout) for it to end."""
         self._stop.set()
-        if self._chan:
+        if self._chan is not None:
             self._chan.release()
         t = self._thread
         if t is None:
@@ -217,8 +244,8 @@ class ThreadedSource:
         deadline = time.monotonic() + self.stop_timeout
         while t.is_alive() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        if t.is_alive():  # blocked in a network read: it ends at its read timeout
-            log.warning("%s: decoder thread still in a blocking read; it exits on its own", self.name)
+        if t.is_alive():  # blocked in a network read: it ends at its read timeout (a daemon: exit never waits)
+            log.info("%s: decoder thread still in a blocking read; it exits on its own", self.name)
 
     @property
     def running(self) -> bool:

@@ -256,13 +256,16 @@ class MqttServer:
         elif op == "status":
             entry = self.service.get(sid, "mqtt")
             await send("status", session=sid, **self.service.status(entry))
+        elif op == "preview":
+            entry = self.service.get(sid)
+            await send("preview", session=sid, **await self.service.preview(entry))
         elif op == "cancel":
             self.service.cancel(self.service.get(sid, "mqtt"), msg["id"])
         elif op == "close":
             await self.service.close(self.service.get(sid, "mqtt"))
             await send("closed", session=sid)
         else:
-            raise StreamError("unknown_op", f"the control topic takes open/status/cancel/close, not {op!r}")
+            raise StreamError("unknown_op", f"the control topic takes open/status/preview/cancel/close, not {op!r}")
 
 
 def _user_property(props, key: str):

@@ -19,6 +19,7 @@ from typing import Awaitable, Callable
 from streamvz import protocol
 from streamvz.errors import StreamError
 from streamvz.protocol import Limits
+from streamvz.transports.preview import Previews, render as render_previews
 from streamvz.transports.security import SourcePolicy, TokenBucket
 
 log = logging.getLogger("streamvz.serve")
@@ -38,9 +39,11 @@ class Entry:
     transport: str = "ws"  # the transport that owns it: no other may drive it
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(16))  # proves a resume is the owner's
     send: Send | None = None  # None while detached (client gone, grace period running)
-    source: tuple[str, float] | None = None  # (what to open, fps) for a server-side source
+    source: tuple[str, float, dict] | None = None  # (what to open, fps, open_source options) for a server-side source
     source_task: asyncio.Task | None = None
     source_state: str | None = None  # running | ended | failed
+    reader: object = None  # the open server-side source: its drops count in frames_dropped
+    previews: Previews = field(default_factory=Previews)  # what the model sees, for the `preview` op
     asks: dict[str, asyncio.Task] = field(default_factory=dict)
     answers: dict[str, object] = field(default_factory=dict)  # engine Answers of running asks
     cancelled: set[str] = field(default_factory=set)
@@ -95,6 +98,8 @@ class Service:
         if sum(e.client == client for e in self.entries.values()) >= self.limits.max_sessions_per_client:
             raise StreamError("too_many_sessions", f"at most {self.limits.max_sessions_per_client} sessions per client")
         source = self.sources.check(msg["source"]) if "source" in msg else None  # names resolve in _pump
+        if "rtsp_transport" in msg and not (source or "").lower().startswith(("rtsp://", "rtsps://")):
+            raise StreamError("bad_field", "`rtsp_transport` applies to an rtsp:// source only", field="rtsp_transport")
         sid = session_id or secrets.token_urlsafe(12)
         kwargs = {"session_id": sid}
         if "system_prompt" in msg:
@@ -103,7 +108,7 @@ class Service:
         entry = Entry(sid, session, client, TokenBucket(self.limits.max_push_fps), transport, send=send)
         self.entries[sid] = entry
         if source is not None:
-            entry.source = (source, msg.get("fps", 1.0))
+            entry.source = (source, msg.get("fps", 1.0), {k: msg[k] for k in ("rtsp_transport",) if k in msg})
         return entry
 
     def start(self, entry: Entry) -> None:
@@ -165,9 +170,16 @@ class Service:
         """Server shutdown: every answer in flight ends with `done` (finish_reason "shutdown")."""
         await asyncio.gather(*(self.close(e, "shutdown") for e in list(self.entries.values())), return_exceptions=True)
 
+    async def preview(self, entry: Entry) -> dict:
+        """The latest frame and thumbnails of the frames in the window (JPEG, base64)."""
+        return await asyncio.to_thread(render_previews, *entry.previews.pick(entry.session.stats()["frames_in_window"]))
+
     def status(self, entry: Entry) -> dict:
         stats = dict(entry.session.stats())
         stats["source"] = entry.source_state
+        if entry.reader is not None:  # frames the source sampled that the session has not seen (yet)
+            stats["frames_dropped"] += entry.reader.frames_dropped
+            stats["frames_pending"] += entry.reader.frames_queued
         return stats
 
     # --- frames -------------------------------------------------------------------------
@@ -183,16 +195,18 @@ class Service:
         frame = await asyncio.to_thread(protocol.parse_frame, data, self.limits, t)
         stamp = frame.t if frame.t is not None else time.monotonic() - entry.t0
         entry.session.submit_frame(frame.image, stamp)
+        entry.previews.add(frame.image, stamp)
         return True
 
-    async def _pump(self, entry: Entry, source: str, fps: float) -> None:
+    async def _pump(self, entry: Entry, source: str, fps: float, options: dict) -> None:
         network = "://" in source
         try:
             from streamvz.sources import open_source
 
             def on_status(ev: dict) -> None:  # live sources: connected / disconnected / reconnecting / stalled
                 if ev.get("event") in ("connected", "disconnected", "reconnecting", "stalled"):
-                    keep = ("attempt", "delay") if network else ("attempt", "delay", "reason")
+                    keep = ("attempt", "delay", "rtsp_transport") if network else \
+                        ("attempt", "delay", "reason", "rtsp_transport")
                     fields = {k: v for k, v in ev.items() if k in keep and v is not None}
                     asyncio.ensure_future(_maybe(entry.emit("status", session=entry.id, event="source_" + ev["event"],
                                                             **fields, **self.status(entry))))
@@ -201,9 +215,11 @@ class Service:
             # `opened`, so that a slow name server holds up neither this transport nor others.
             source = await asyncio.to_thread(self.sources.check_network, source)
             async with open_source(source, fps=fps, realtime=self.realtime_files and "://" not in source,
-                                   on_status=on_status) as src:
+                                   on_status=on_status, **options) as src:
+                entry.reader = src
                 async for frame in src:
                     await entry.session.add_frame(frame.image, t=frame.t)
+                    entry.previews.add(frame.image, frame.t)
             entry.source_state = "ended"
             await _maybe(entry.emit("status", session=entry.id, event="source_ended", **self.status(entry)))
         except asyncio.CancelledError:

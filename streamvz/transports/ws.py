@@ -157,6 +157,10 @@ class _Conn:
         entry = self._need_session()
         await self.send("status", session=entry.id, **self.service.status(entry))
 
+    async def op_preview(self, msg):
+        entry = self._need_session()
+        await self.send("preview", session=entry.id, **await self.service.preview(entry))
+
     async def op_close(self, msg):
         entry = self._need_session()
         self.entry = None
