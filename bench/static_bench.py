@@ -2,7 +2,8 @@
 
 Two generated 1 fps clips (the embedded model's scene generator, held-out backgrounds, sensor noise):
   static  a fixed background; a few events: an object enters, stays `--stay` s, leaves
-  busy    the same length, every frame different (objects drifting across the picture)
+  busy    the same length, every frame different everywhere (a camera panning over a photo, objects
+          crossing it)
 
 For each clip and mode: the window's span in seconds at the end, visual tokens per written frame
 and per seen frame (prefill cost), frames skipped, and, on the static clip, what the embedded
@@ -51,9 +52,21 @@ def static_clip(rng, frames: int, events: int, stay: int):
 
 
 def busy_clip(rng, frames: int):
-    scenes = data.moving_clip(rng, frames, "test", objects=3)
-    scenes = [replace(sc, objects=sc.objects or (data.Obj("star", "white", 112.0, 112.0, 80.0),)) for sc in scenes]
-    return [noisy(data.render(sc), rng) for sc in scenes]
+    """A panning camera over a photo with objects crossing it: every frame differs everywhere."""
+    import skimage.data
+
+    name = str(rng.choice(data.TEST_PHOTOS))
+    h, w = getattr(skimage.data, name)().shape[:2]
+    crop = min(h, w) // 2
+    objs = list(data.random_objects(rng, 3))
+    out = []
+    for t in range(frames):
+        x = int((w - crop) * (0.5 + 0.5 * np.sin(t / 7)))  # pan back and forth
+        y = int((h - crop) * (0.5 + 0.5 * np.cos(t / 11)))
+        moved = tuple(replace(o, cx=float((o.cx + 23 * t) % 180 + 22), cy=float((o.cy + 11 * t) % 180 + 22))
+                      for o in objs)
+        out.append(noisy(data.render(data.Scene(("photo", name, x, y, crop), moved)), rng))
+    return out
 
 
 async def run(clip, questions, args, temporal):

@@ -17,7 +17,9 @@ N, FPS, SIZE = 90, 30, (640, 480)  # 3 s at 30 fps: faster than the tiny engine 
 def server(tiny_llava, tmp_path_factory):
     root = tmp_path_factory.mktemp("media")
     V.write_h264(str(root / "clip.mp4"), N, fps=FPS, size=SIZE)
-    srv = ServerThread(tiny_llava, media_roots=[root], realtime_files=True, tokens_per_frame=32).start()
+    # One frame per engine step (no batching of a backlog) and loopback sources allowed (the test's camera).
+    srv = ServerThread(tiny_llava, media_roots=[root], realtime_files=True, tokens_per_frame=32,
+                       engine_kwargs={"max_batch_frames": 1}, allow_private_sources=True).start()
     yield srv
     srv.stop()
 

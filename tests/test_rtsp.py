@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(FFMPEG is None, reason="ffmpeg not installed (ma
 def server(tiny_llava, tmp_path_factory):
     root = tmp_path_factory.mktemp("media")
     (root / "clip.mp4").write_bytes(b"")
-    srv = ServerThread(tiny_llava, media_roots=[root]).start()
+    srv = ServerThread(tiny_llava, media_roots=[root], allow_private_sources=True).start()  # loopback cameras
     yield srv
     srv.stop()
 

@@ -20,7 +20,8 @@ def server(tiny_llava, tmp_path_factory):
     from streamvz.protocol import Limits
 
     # Every browser here comes from 127.0.0.1 and leaves its session for the grace period.
-    srv = ServerThread(tiny_llava, media_roots=[root], limits=Limits(max_sessions_per_client=16)).start()
+    srv = ServerThread(tiny_llava, media_roots=[root], limits=Limits(max_sessions_per_client=16),
+                       allow_private_sources=True).start()  # the tests' cameras are on loopback
     yield srv
     srv.stop()
 

@@ -37,6 +37,9 @@ class PoolWorker(MqttServer):
     def __init__(self, service: Service, *args, group: str = "streamvz", max_hops: int = 4, announce_s: float = 2.0,
                  **kw):
         kw["worker_id"] = kw.get("worker_id") or presence.new_worker_id()  # its own broker client id too
+        # No broker session that outlives the worker: a dead worker's sessions die with its KV cache,
+        # and a lingering shared subscription would keep being handed `open`s nobody answers.
+        kw["session_expiry_s"] = 0
         super().__init__(service, *args, **kw)  # host, port, ... as MqttServer takes them
         self.group, self.max_hops, self.announce_s = group, max_hops, announce_s
         self.view = presence.PoolView()
