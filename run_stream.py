@@ -230,7 +230,7 @@ async def cmd_live(a, stopper) -> int:
     async with make_engine(a) as engine:
         options = {"rtsp_transport": a.rtsp_transport} if a.source.lower().startswith(("rtsp://", "rtsps://")) else {}
         live = LiveQA(engine, a.source, a.watch, every=a.every, fps=a.fps, realtime=a.realtime,
-                      on_alert=show, on_event=show, source_options=options)
+                      on_alert=show, on_event=show, source_options=options, watch_window=a.watch_window or None)
 
         async def questions():
             async with StdinLines() as lines:
@@ -374,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("source", help="URL, capture device or file")
     lv.add_argument("--watch", action="append", default=[], help="a standing question (repeatable)")
     lv.add_argument("--every", type=float, default=10.0, help="seconds of video between standing checks")
+    lv.add_argument("--watch-window", type=float, default=10.0, metavar="SECONDS",
+                    help="standing questions see only the frames of the last SECONDS (0: the whole window)")
     lv.add_argument("--fps", type=float, default=1.0, help="frames per second sampled")
     lv.add_argument("--realtime", action="store_true", help="play a file at its own pace, as if live")
     lv.add_argument("--no-stdin", action="store_true", help="do not read ad-hoc questions from stdin")

@@ -116,8 +116,8 @@ async def main_async(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--frames", type=int, default=120, help="clip length in frames (1 fps)")
-    p.add_argument("--events", type=int, default=4)
+    p.add_argument("--frames", type=int, default=60, help="clip length in frames (1 fps)")
+    p.add_argument("--events", type=int, default=3)
     p.add_argument("--stay", type=int, default=4, help="seconds an event's object stays")
     p.add_argument("--budget", type=int, default=768, help="KV budget per session (tokens)")
     p.add_argument("--seed", type=int, default=0)

@@ -26,8 +26,12 @@ def normalise(answer: str) -> str:
 class LiveQA:
     def __init__(self, engine, source: str, standing: list[str] = (), every: float = 10.0, fps: float = 1.0,
                  max_tokens: int = 16, on_alert: Callable[[dict], None] = print, realtime: bool = False,
-                 on_event: Callable[[dict], None] | None = None, source_options: dict | None = None):
+                 on_event: Callable[[dict], None] | None = None, source_options: dict | None = None,
+                 watch_window: float | None = 10.0):
+        """`watch_window`: standing questions see only the frames of the last this-many seconds (the
+        camera's now, not its past minutes: see `ask(since=...)`); None: the whole window."""
         self.engine, self.source, self.standing = engine, source, list(standing)
+        self.watch_window = watch_window
         self.every, self.fps, self.max_tokens, self.on_alert = every, fps, max_tokens, on_alert
         self.on_event = on_event or (lambda event: None)
         self.realtime = realtime
@@ -62,7 +66,7 @@ class LiveQA:
     async def check(self, t: float) -> list[dict]:
         alerts = []
         for q in self.standing:
-            text = (await self.session.ask(q, max_new_tokens=self.max_tokens).result()).strip()
+            text = (await self.session.ask(q, max_new_tokens=self.max_tokens, since=self.watch_window).result()).strip()
             now = normalise(text)
             before = self.last.get(q)
             changed = before is not None and now != before
