@@ -6,7 +6,7 @@ Stacks: `tiny` (the embedded streamvz-tiny: DINOv2-S + SmolLM2-135M) and `llava`
 LLaVA-1.5-shaped checkpoint: `--lm small` on the CPU, `--lm 7b --tower vit-l` in bf16 on a GPU).
 
   decode   N sessions, one frame each, all ask at once (greedy, ignore_eos, --tokens each):
-           aggregate tokens/s, inter-token gaps p50/p95 (per answer, as a client sees deltas)
+           aggregate tokens/s, inter-token gaps p50/p95 (per answer, token by token)
   ingest   N sessions, --frames frames each queued at once: frames/s into the caches
   kv       the store's fixed size (max_sessions x budget x bytes/token) and the rows in use
 
@@ -50,12 +50,9 @@ async def decode(adapter, n, cap, tokens, frames, budget):
 
         async def one(s):
             a = s.ask(QUESTION, max_new_tokens=tokens, ignore_eos=True)
-            last = None
-            async for _ in a:
-                now = time.perf_counter()
-                if last is not None:
-                    gaps.append(now - last)
-                last = now
+            await a.result()
+            t = a.token_times  # per token, as the loop got it (a delta may carry several tokens)
+            gaps.extend(b - x for x, b in zip(t, t[1:]))
             return a.usage["completion_tokens"]
 
         t0 = time.perf_counter()

@@ -24,6 +24,7 @@ class Answer:
     usage = property(lambda self: self._state.usage)
     finish_reason = property(lambda self: self._state.finish_reason)
     done = property(lambda self: self._state.ended)
+    token_times = property(lambda self: list(self._state.token_times))  # perf_counter() per token sampled
 
     def cancel(self) -> None:
         """Stop generating; the partial answer stays in the conversation. Safe to call any time."""

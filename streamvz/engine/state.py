@@ -55,6 +55,7 @@ class AnswerState:
         self.t_ask = time.perf_counter()
         self.t_first: float | None = None
         self.t_last: float | None = None
+        self.token_times: list[float] = []  # perf_counter() when each token reached the loop
         self.queue: asyncio.Queue = asyncio.Queue()
 
     @property
@@ -74,6 +75,7 @@ class AnswerState:
     def take(self, token: int) -> None:
         """A token sampled for this answer: stream it, or start closing on EOS / the length limit."""
         self.sampled += 1
+        self.token_times.append(time.perf_counter())
         if token in self.eos:
             self.pending = None
             self.close("stop")
