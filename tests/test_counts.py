@@ -10,7 +10,7 @@ import videos as V
 from clients.ws_chat import WsChat
 from fixtures_serve import ServerThread
 
-N, FPS, SIZE = 90, 30, (640, 480)  # 3 s at 30 fps: faster than the tiny engine takes frames in
+N, FPS, SIZE = 120, 60, (640, 480)  # 2 s at 60 fps (the protocol's most): faster than the tiny engine takes frames in, one per step
 
 
 @pytest.fixture(scope="module")
