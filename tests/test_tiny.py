@@ -610,3 +610,30 @@ async def test_an_answered_turn_between_frames_is_the_training_layout(adapter):
         assert live.count() == ref.get_seq_length() == x.shape[0]
         for (keys, values), b in zip(live.layers, ref.layers):
             assert torch.allclose(keys, b.keys, atol=1e-3) and torch.allclose(values, b.values, atol=1e-3)
+
+
+def test_quality_bench_asks_each_fact_in_its_template_and_in_held_out_wordings():
+    """The bench's two columns ask the same facts: the template column in the canonical template,
+    the held-out column in held-out wordings (once plain, once listing the options where it can)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_bench", Path(__file__).resolve().parents[1] / "bench" / "quality_bench.py")
+    qb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qb)
+    held = _heldout()
+    rng, hrng = np.random.default_rng(1), np.random.default_rng(2)
+    listed = 0
+    for _ in range(20):
+        s = data.random_scene(rng, "test")
+        asks = qb.asks(s, rng, held, hrng)
+        template = {c.split("/")[1]: (q, a) for q, a, c in asks if c.startswith("template/")}
+        assert list(template) == [k for k in questions.KINDS if k in template] and len(template) >= 5
+        assert template["colour"][0].startswith("What color is the ") and template["count"][0] == "How many shapes are there?"
+        for q, a, c in asks:
+            column, kind = c.split("/")
+            assert a == template[kind][1] and (column == "template" or q != template[kind][0])
+            if column == "listed":
+                listed += 1
+                assert a in q.lower() and kind in qb.LISTED, q
+        assert {c.split("/")[1] for _, _, c in asks if c.startswith("heldout/")} == set(template)
+    assert listed >= 20 * 4
