@@ -4,7 +4,11 @@
     python bench/quality_bench.py --scenes 32 --skip-long
 
 1. Exact match on held-out scenes (scikit-image photos and seeds never used in training), each
-   asked one question of every kind (colour, shape, count, present, position, background):
+   asked one question of every kind (colour, shape, count, present, position, background),
+   twice: in its training template ("What color is the circle?", the template column) and in a
+   held-out wording that training never saw (bench/heldout_wordings.json), and once more in a
+   held-out wording that lists the options for the kinds that have them; the held-out column
+   scores both held-out questions, "listed" the second alone:
    all 257 tokens vs VisionZip at 64/32/16 vs the same budgets by random token drop, uniform
    spatial pooling and top-CLS selection without contextual merging. One DINOv2 pass per
    scene; every method is cut from the same features and goes through the same projector.
@@ -31,11 +35,15 @@ from transformers import DynamicCache  # noqa: E402
 
 from streamvz.tiny import data, load_tiny  # noqa: E402
 from streamvz.tiny.model import FULL_TOKENS, reduce  # noqa: E402
+from streamvz.tiny.questions import KINDS, Fact, facts, normalise  # noqa: E402
 from streamvz.tiny.train import cached_features  # noqa: E402
+from streamvz.tiny.wording import Wording  # noqa: E402
 
 TEST_SEED = 1000  # training uses seed 0 and TRAIN_PHOTOS; these scenes use TEST_PHOTOS
+HELDOUT_SEED = 1002  # which held-out wording each question gets (its own stream: the template questions stay those of earlier runs)
+HELDOUT = Path(__file__).parent / "heldout_wordings.json"  # wordings training never reads
 BASELINES = ("random", "pool", "topcls")
-KINDS = ("colour", "shape", "count", "present", "position", "background")
+LISTED = ("colour", "shape", "count", "background")  # kinds whose held-out wordings can list the options
 
 
 @torch.inference_mode()
@@ -83,39 +91,64 @@ def batch_answers(adapter, vis: list[torch.Tensor], questions: list[list[str]], 
     return out
 
 
-def one_of_each_kind(scene: data.Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """One question of every kind the scene allows (KINDS order), so each kind is asked about
+def one_of_each_kind(scene: data.Scene, rng: np.random.Generator) -> list[Fact]:
+    """One fact of every kind the scene allows (KINDS order), so each kind is asked about
     as often and the overall score is not dominated by the kinds the pool has most of."""
-    first = {}
-    for q, a in data.questions(scene, rng, n=10**6):  # the whole pool, in a random order
-        first.setdefault(data.kind_of(q), (q, a))
+    pool, first = facts(scene, rng), {}
+    for i in rng.permutation(len(pool)):  # the whole pool, in a random order
+        first.setdefault(pool[i].kind, pool[i])
     return [first[k] for k in KINDS if k in first]
 
 
-def held_out(adapter, scenes: int, settings: list[tuple[str, int | None]], batch: int, log):
-    rng = np.random.default_rng(TEST_SEED)
+def asks(scene: data.Scene, rng: np.random.Generator, held: Wording, hrng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """(question, answer, column) for one scene: each kind once in its template wording
+    ("template/<kind>"), then the same facts in a held-out wording ("heldout/<kind>"), and, for
+    kinds whose held-out wordings list the options, once more listing them ("listed/<kind>")."""
+    kinds = one_of_each_kind(scene, rng)
+    out = [(f.canonical, f.answer, f"template/{f.kind}") for f in kinds]
+    for f in kinds:
+        out.append((f.ask(hrng, held, listed=False), f.answer, f"heldout/{f.kind}"))
+        if held.expanded(f.table, listed=True):
+            out.append((f.ask(hrng, held, listed=True), f.answer, f"listed/{f.kind}"))
+    return out
+
+
+def score(marks: dict[str, list[bool]], *columns: str) -> dict:
+    """Accuracy of the questions in these columns (template / heldout / listed), all kinds
+    together and per kind."""
+    cols = {}
+    for key, v in marks.items():
+        column, kind = key.split("/")
+        if column in columns:
+            cols.setdefault(kind, []).extend(v)
+    every = [x for v in cols.values() for x in v]
+    return {"accuracy": float(np.mean(every)) if every else float("nan"), "n": len(every),
+            "by_kind": {k: float(np.mean(v)) for k, v in cols.items()}}
+
+
+def held_out(adapter, scenes: int, settings: list[tuple[str, int | None]], batch: int, log, held: Wording):
+    rng, hrng = np.random.default_rng(TEST_SEED), np.random.default_rng(HELDOUT_SEED)
     sc = [data.random_scene(rng, "test") for _ in range(scenes)]
-    qas = [one_of_each_kind(s, rng) for s in sc]
+    qas = [asks(s, rng, held, hrng) for s in sc]
     feats = cached_features(adapter, sc, f"test-seed{TEST_SEED}-n{scenes}", log=log)
     results = {}
     for method, k in settings:
-        t0, right, kinds = time.time(), 0, {}
+        t0, marks = time.time(), {}
         gen = torch.Generator().manual_seed(TEST_SEED)
         for i in range(0, scenes, batch):
             f = feats[slice(i, i + batch)]
             vis = adapter.projector(*(t.to(adapter.dtype) for t in reduce(f, method, k, generator=gen)))
-            answers = batch_answers(adapter, list(vis), [[q for q, _ in qa] for qa in qas[i : i + batch]])
+            answers = batch_answers(adapter, list(vis), [[q for q, _, _ in qa] for qa in qas[i : i + batch]])
             for qa, ans in zip(qas[i : i + batch], answers):
-                for (q, a), p in zip(qa, ans):
-                    ok = data.normalise(p) == a
-                    right += ok
-                    kinds.setdefault(data.kind_of(q), []).append(ok)
-        total = sum(map(len, qas))
+                for (q, a, col), p in zip(qa, ans):
+                    marks.setdefault(col, []).append(normalise(p) == a)
         name = f"{method}@{k or FULL_TOKENS}"
-        results[name] = {"method": method, "tokens": k or FULL_TOKENS, "accuracy": right / total, "n": total,
-                         "by_kind": {kk: float(np.mean(v)) for kk, v in kinds.items()},
+        results[name] = {"method": method, "tokens": k or FULL_TOKENS, **score(marks, "template"),
+                         "heldout": score(marks, "heldout", "listed"), "listed": score(marks, "listed"),
                          "seconds": round(time.time() - t0, 1)}
-        log(f"{name:16s} exact match {right / total:.3f}  ({time.time() - t0:.0f}s)")
+        r = results[name]
+        log(f"{name:16s} exact match: template {r['accuracy']:.3f}, held-out wordings {r['heldout']['accuracy']:.3f} "
+            f"(of which listing the options {r['listed']['accuracy']:.3f})  ({time.time() - t0:.0f}s)")
     return results
 
 
@@ -141,7 +174,7 @@ def long_recall(adapter, cache_budget: int, settings: list[tuple[str, int | None
         t0 = time.time()
         vis = adapter.projector(*(t.to(adapter.dtype) for t in reduce(feats[window], method, k)))
         answers = adapter.answer(list(vis), [times[i] for i in window], qs, max_new_tokens=3)
-        said = [data.normalise(a) for a in answers]
+        said = [normalise(a) for a in answers]
         seen = [t >= times[first] for t, _ in video.events]
         name = f"{method}@{k or FULL_TOKENS}"
         ev = len(video.events)
@@ -160,11 +193,16 @@ def long_recall(adapter, cache_budget: int, settings: list[tuple[str, int | None
 
 
 def table(results: dict) -> str:
-    rows = ["| method | tokens/frame | exact match | " + " | ".join(KINDS) + " |", "|---" * (len(KINDS) + 3) + "|"]
-    for name, r in results.items():
-        k = r["by_kind"]
-        cells = [f"{k.get(x, float('nan')):.2f}" for x in KINDS]
-        rows.append(f"| {r['method']} | {r['tokens']} | {r['accuracy']:.3f} | " + " | ".join(cells) + " |")
+    """Per setting: template and held-out-wording exact match, overall and per kind (template /
+    held-out, the latter over both held-out questions), then the held-out questions that list
+    their options, per kind."""
+    head = ["method", "tokens/frame", "template", "held-out wording", *KINDS, *(f"{k} listed" for k in LISTED)]
+    rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in results.values():
+        t, h, lst = r["by_kind"], r["heldout"]["by_kind"], r["listed"]["by_kind"]
+        cells = [f"{t.get(x, float('nan')):.2f} / {h.get(x, float('nan')):.2f}" for x in KINDS]
+        cells += [f"{lst.get(x, float('nan')):.2f}" for x in LISTED]
+        rows.append(f"| {r['method']} | {r['tokens']} | {r['accuracy']:.3f} | {r['heldout']['accuracy']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -176,20 +214,22 @@ def plot(results: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     full = [r for r in results.values() if r["method"] == "full"]
-    for method, style in (("visionzip", "o-"), ("random", "s--"), ("pool", "^--"), ("topcls", "v--")):
-        pts = sorted((r["tokens"], r["accuracy"]) for r in results.values() if r["method"] == method)
-        if method == "visionzip":
-            pts += [(f["tokens"], f["accuracy"]) for f in full]
-        if pts:
-            ax.plot(*zip(*pts), style, label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("tokens per frame")
-    ax.set_ylabel("exact match (held-out)")
-    ax.set_title("streamvz-tiny: accuracy vs tokens per frame")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for ax, title, acc in ((axes[0], "template wordings", lambda r: r["accuracy"]),
+                           (axes[1], "held-out wordings", lambda r: r["heldout"]["accuracy"])):
+        for method, style in (("visionzip", "o-"), ("random", "s--"), ("pool", "^--"), ("topcls", "v--")):
+            pts = sorted((r["tokens"], acc(r)) for r in results.values() if r["method"] == method)
+            if method == "visionzip":
+                pts += [(f["tokens"], acc(f)) for f in full]
+            if pts:
+                ax.plot(*zip(*pts), style, label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens per frame")
+        ax.set_title(f"streamvz-tiny: {title}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("exact match (held-out scenes)")
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True
@@ -204,6 +244,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-budget", type=int, default=2048, help="KV tokens for the long-video test")
     ap.add_argument("--skip-long", action="store_true")
     ap.add_argument("--projector", default=None, help="projector weights (default: the committed ones)")
+    ap.add_argument("--heldout", type=Path, default=HELDOUT, help="held-out wordings (JSON, as streamvz/tiny/wording.py)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
 
@@ -216,7 +257,7 @@ def main(argv=None) -> int:
     settings = [("full", None)] + [("visionzip", k) for k in budgets]
     settings += [(m, int(k)) for k in args.baseline_budgets.split(",") if k for m in BASELINES]
     t0 = time.time()
-    res = {"held_out": held_out(adapter, args.scenes, settings, args.batch, log)}
+    res = {"held_out": held_out(adapter, args.scenes, settings, args.batch, log, Wording.from_json(args.heldout))}
     if not args.skip_long:
         long_settings = [("full", None)] + [("visionzip", k) for k in budgets]
         res["long_video"] = long_recall(adapter, args.cache_budget, long_settings, log)
@@ -227,7 +268,9 @@ def main(argv=None) -> int:
     md = table(res["held_out"])
     full = res["held_out"]["full@257"]["accuracy"]
     if "visionzip@64" in res["held_out"] and full:
-        md += f"\n\nVisionZip@64 keeps {res['held_out']['visionzip@64']['accuracy'] / full:.1%} of full-token accuracy."
+        vz, hfull = res["held_out"]["visionzip@64"], res["held_out"]["full@257"]["heldout"]["accuracy"]
+        md += (f"\n\nVisionZip@64 keeps {vz['accuracy'] / full:.1%} of full-token accuracy on the template wordings"
+               f" and {vz['heldout']['accuracy'] / hfull:.1%} on the held-out wordings.")
     if "long_video" in res:
         lv = res["long_video"]
         md += (f"\n\nLong video ({lv['minutes']} min, {lv['fps']} fps, events at {lv['event_times_s']} s; "

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, machine_name, table, write_json  # noqa: E402
 
 from streamvz.engine import Engine  # noqa: E402
-from streamvz.tiny import data  # noqa: E402
+from streamvz.tiny import data, questions  # noqa: E402
 
 
 def noisy(frame: np.ndarray, rng) -> np.ndarray:
@@ -86,7 +86,7 @@ async def run(clip, questions, args, temporal):
                 tokens_per_written_frame=st["frame_tokens_mean"],
                 tokens_per_seen_frame=st["frame_tokens_mean"] * written / st["frames_seen"],
                 frames_skipped=st["frames_skipped"], ingest_ms_per_frame=1e3 * ingest / n,
-                cache_tokens=st["cache_tokens"]), [data.normalise(a) for a in answers]
+                cache_tokens=st["cache_tokens"]), [questions.normalise(a) for a in answers]
 
 
 async def main_async(args):

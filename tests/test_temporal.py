@@ -75,7 +75,7 @@ async def test_every_family_streams_with_temporal_drop(family, tiny_llava):
 
 @pytest.mark.tiny
 async def test_embedded_model_keeps_an_object_that_appears_and_skips_the_still_scene():
-    from streamvz.tiny import data
+    from streamvz.tiny import data, questions
 
     rng = np.random.default_rng(3)
     bg = data.random_background(rng, "test")
@@ -95,4 +95,4 @@ async def test_embedded_model_keeps_an_object_that_appears_and_skips_the_still_s
     assert before["frames_skipped"] == 3 and before["frames_in_window"] == 1  # the still scene costs nothing
     assert 0 < after["frame_tokens_last"] < 64  # the object's tokens, not a whole key frame
     assert [b.meta["t"] for b in view.frames()] == [0.0, 4.0]  # the repeat of the object frame is skipped too
-    assert data.normalise(yes) == "yes" and data.normalise(no) == "no"
+    assert questions.normalise(yes) == "yes" and questions.normalise(no) == "no"

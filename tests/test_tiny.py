@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from streamvz.errors import StreamError
-from streamvz.tiny import data, weights
+from streamvz.tiny import data, questions, weights, wording
 from streamvz.tiny.model import FULL_TOKENS, METHODS, Features, Projector, preprocess, reduce
 
 # ------------------------------------------------------------------ generator (no weights)
@@ -37,43 +37,116 @@ def test_questions_agree_with_the_scene():
     kinds = set()
     for _ in range(50):
         s = data.random_scene(rng, "test")
-        for q, a in data.questions(s, rng, n=10):
-            kinds.add(data.kind_of(q))
-            assert a in data.ANSWERS
-            if q.startswith("How many"):
-                assert a == str(len(s.objects))
-            elif q.startswith("What color is the "):
-                shape = q[len("What color is the "):-1]
-                assert a == next(o.colour for o in s.objects if o.shape == shape)
-            elif q.startswith("Is there a "):
-                colour, shape = q[len("Is there a "):-1].split()
-                assert (a == "yes") == any(o.colour == colour and o.shape == shape for o in s.objects)
-            elif "left or the right" in q:
-                o = next(o for o in s.objects if q.startswith(f"Is the {o.name} "))
-                assert a == ("left" if o.cx < data.SIZE / 2 else "right")
+        for f in questions.facts(s, rng):
+            kinds.add(f.kind)
+            assert f.answer in data.ANSWERS and f.answer in f.choices
+            if f.kind == "count":
+                assert f.answer == str(len(s.objects))
+            elif f.kind == "colour":
+                assert f.answer == next(o.colour for o in s.objects if o.shape == f.slots["shape"])
+            elif f.kind == "shape":
+                assert f.answer == next(o.shape for o in s.objects if o.colour == f.slots["colour"])
+            elif f.kind == "present":
+                assert (f.answer == "yes") == any(o.name == f.slots["name"] for o in s.objects)
+            elif f.table == "position_x":
+                o = next(o for o in s.objects if o.name == f.slots["name"])
+                assert f.answer == ("left" if o.cx < data.SIZE / 2 else "right")
                 assert abs(o.cx - data.SIZE / 2) > o.size / 3  # most of it on that side
-            elif q == "What is the background?":
-                assert a == data.BACKGROUNDS[s.background[0]]
-            assert data.kind_of(q) != "other", q
-    assert kinds == {"count", "colour", "shape", "present", "position", "background"}
+            elif f.kind == "background":
+                assert f.answer == data.BACKGROUNDS[s.background[0]]
+            q = f.ask(rng)  # a training wording (or the canonical one) names what the fact is about
+            assert all(v.lower() in q.lower() for v in f.slots.values()), (q, f)
+    assert kinds == set(questions.KINDS)
+
+
+def test_training_wordings_list_options_that_include_the_answer():
+    """A question that lists options lists the answer and at least one other choice, in random
+    order; one that does not list them names no other choice; the canonical template stays in the mix."""
+    rng = np.random.default_rng(11)
+    listed = canonical = firsts = 0
+    for _ in range(60):
+        s = data.random_scene(rng, "train")
+        for f in questions.facts(s, rng):
+            if not wording.TRAIN.expanded(f.table, listed=True) or f.kind == "count":  # (numbered lists hold digits too)
+                continue
+            q = f.ask(rng, listed=True).lower()
+            words = {w.strip(".,?:()/") for w in q.split()}
+            offered = [c for c in f.choices if c in words]
+            assert f.answer in offered and len(offered) >= 2, (q, f)
+            listed += 1
+            firsts += min(offered, key=q.index) == f.answer
+            plain = f.ask(rng, listed=False).lower()
+            if f.kind in ("colour", "shape"):
+                assert not [c for c in f.choices if c != f.answer and c in plain.split()], plain
+        canonical += sum(q == f.canonical for q, f in questions.asked(s, rng, n=8))
+    assert listed > 100 and 0.2 < firsts / listed < 0.7  # the answer is not always listed first
+    assert canonical > 60  # about 30% of the ~8 questions per scene
+
+
+def test_expand_alternatives():
+    assert wording.expand("What (colour|color) is it(| now)?") == [
+        "What colour is it?", "What colour is it now?", "What color is it?", "What color is it now?"]
+    assert wording.skeleton("What Colour is the {shape}: {options}?") == "what colour is the"
+
+
+def _heldout():
+    return wording.Wording.from_json(Path(__file__).resolve().parents[1] / "bench" / "heldout_wordings.json")
+
+
+def test_no_heldout_wording_is_a_training_wording():
+    """The held-out set measures wordings the model never saw: none of its templates, answer-form
+    instructions or option styles is one of training's, and no question it phrases is one that
+    training phrases for the same scenes."""
+    held, train = _heldout(), wording.TRAIN
+    train_skeletons = {wording.skeleton(w) for w in train.strings()}
+    for w in held.strings():
+        assert wording.skeleton(w) not in train_skeletons, w
+    assert not set(held.inline + held.lists) & set(train.inline + train.lists)
+    assert set(held.templates) == {f.table for s in [data.random_scene(np.random.default_rng(i)) for i in range(40)]
+                                   for f in questions.facts(s, np.random.default_rng(0)) if f.kind in questions.KINDS}
+    rng = np.random.default_rng(12)
+    trained, heard = set(), set()
+    for _ in range(150):
+        s = data.random_scene(rng, "test")
+        for f in questions.facts(s, rng):
+            for _ in range(20):
+                trained.add(f.ask(rng).lower().rstrip("?."))
+            heard.add(f.ask(rng, held, listed=False).lower().rstrip("?."))
+            if held.expanded(f.table, listed=True):
+                heard.add(f.ask(rng, held, listed=True).lower().rstrip("?."))
+    assert len(heard) > 500 and not heard & trained, sorted(heard & trained)[:5]
+
+
+def test_training_never_reads_the_heldout_wordings():
+    """No code in the package (training included) names the held-out file; docstrings may."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "streamvz"
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        docs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+        code = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+        assert not [c for c in code if "heldout" in c.lower()], path
 
 
 def test_clip_questions_ask_about_the_whole_clip_and_count_the_last_frame():
     rng = np.random.default_rng(4)
     for _ in range(30):
         clip = [data.random_scene(rng, "train") for _ in range(int(rng.integers(2, 8)))]
-        qas = data.clip_questions(clip, rng, n=6)
+        qas = questions.clip_questions(clip, rng, n=6, wording=None)
         assert qas[0] == ("How many shapes are there now?", str(len(clip[-1].objects)))
         seen = {(o.colour, o.shape) for s in clip for o in s.objects}
         for q, a in qas[1:]:
             colour, shape = q[len("Was there a "):-1].split()
             assert (a == "yes") == ((colour, shape) in seen)
+        worded = questions.clip_questions(clip, rng, n=6)  # in training wordings: the same answers
+        assert worded[0][1] == str(len(clip[-1].objects))
 
 
 def test_an_empty_clip_counts_zero_and_still_gets_a_no():
     rng = np.random.default_rng(5)
     clip = [data.Scene(data.random_background(rng, "train")) for _ in range(4)]
-    qas = data.clip_questions(clip, rng, n=4)
+    qas = questions.clip_questions(clip, rng, n=4, wording=None)
     assert qas[0] == ("How many shapes are there now?", "0")
     assert any(q.startswith("Was there") and a == "no" for q, a in qas[1:]), qas
 
@@ -127,7 +200,7 @@ def test_training_mixes_in_windows_of_continuous_moving_clips():
             # (unrelated-scene clips draw from every frame, these too, but rarely all from one clip in order)
             if any(all(i in c for i in idx) for c in moving) and idx == sorted(set(idx)):
                 windows += 1
-                assert pairs[0] == ("How many shapes are there now?", str(len(scenes[idx[-1]].objects)))
+                assert pairs[0][1] == str(len(scenes[idx[-1]].objects))  # "how many ... now?", in some wording
     assert clips > 50 and 0.35 < windows / clips < 0.65, (clips, windows)
 
 
@@ -396,7 +469,7 @@ def test_training_turns_see_only_the_frames(adapter):
     rng = np.random.default_rng(4)
     scenes = [data.random_scene(rng, "test") for _ in range(2)]
     feats = adapter.frame_features(np.stack([data.render(sc) for sc in scenes]))
-    qas = data.questions(scenes[0], rng, n=2)
+    qas = questions.questions(scenes[0], rng, n=2)
     assert len(qas) == 2
 
     def logits(samples):
@@ -475,10 +548,10 @@ def test_trained_projector_gives_one_word_answers(adapter):
     frame tokens it answers in the task's one-word vocabulary."""
     rng = np.random.default_rng(9)
     s = data.random_scene(rng, "test")
-    qas = data.questions(s, rng, n=5)
+    qas = questions.questions(s, rng, n=5)
     emb = adapter.encode_frames(data.render(s)[None])[0]
     answers = adapter.answer([emb], [0.0], [q for q, _ in qas])
-    assert all(data.normalise(a) in data.ANSWERS and len(a.split()) == 1 for a in answers), answers
+    assert all(questions.normalise(a) in data.ANSWERS and len(a.split()) == 1 for a in answers), answers
 
 
 @tiny
@@ -490,7 +563,7 @@ def test_answers_colour_questions_about_a_frame(adapter):
         s = data.Scene(("flat", (110, 110, 110)), (data.Obj(shape, colour, 112.0, 112.0, 70.0),))
         emb = adapter.encode_frames(data.render(s)[None])[0]
         (ans,) = adapter.answer([emb], [0.0], [f"What color is the {shape}?"])
-        right += data.normalise(ans) == colour
+        right += questions.normalise(ans) == colour
     assert right >= 3, f"{right}/4 colours right"
 
 
@@ -537,3 +610,30 @@ async def test_an_answered_turn_between_frames_is_the_training_layout(adapter):
         assert live.count() == ref.get_seq_length() == x.shape[0]
         for (keys, values), b in zip(live.layers, ref.layers):
             assert torch.allclose(keys, b.keys, atol=1e-3) and torch.allclose(values, b.values, atol=1e-3)
+
+
+def test_quality_bench_asks_each_fact_in_its_template_and_in_held_out_wordings():
+    """The bench's two columns ask the same facts: the template column in the canonical template,
+    the held-out column in held-out wordings (once plain, once listing the options where it can)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_bench", Path(__file__).resolve().parents[1] / "bench" / "quality_bench.py")
+    qb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qb)
+    held = _heldout()
+    rng, hrng = np.random.default_rng(1), np.random.default_rng(2)
+    listed = 0
+    for _ in range(20):
+        s = data.random_scene(rng, "test")
+        asks = qb.asks(s, rng, held, hrng)
+        template = {c.split("/")[1]: (q, a) for q, a, c in asks if c.startswith("template/")}
+        assert list(template) == [k for k in questions.KINDS if k in template] and len(template) >= 5
+        assert template["colour"][0].startswith("What color is the ") and template["count"][0] == "How many shapes are there?"
+        for q, a, c in asks:
+            column, kind = c.split("/")
+            assert a == template[kind][1] and (column == "template" or q != template[kind][0])
+            if column == "listed":
+                listed += 1
+                assert a in q.lower() and kind in qb.LISTED, q
+        assert {c.split("/")[1] for _, _, c in asks if c.startswith("heldout/")} == set(template)
+    assert listed >= 20 * 4

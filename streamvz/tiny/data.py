@@ -1,4 +1,4 @@
-"""Synthetic scenes, clips and question/answer pairs for training and measuring streamvz-tiny.
+"""Synthetic scenes and clips for training and measuring streamvz-tiny (questions about them: questions.py).
 
 A scene is a few coloured shapes on a background (flat colour, gradient, stripes, or one
 of scikit-image's photos). Every object in a scene has its own shape and its own colour,
@@ -12,7 +12,6 @@ used: "train" and "test" never share a photo, and callers use disjoint seeds.
     rng = np.random.default_rng(0)
     scene = random_scene(rng, "train")
     frame = render(scene)                    # uint8 [224, 224, 3]
-    qa = questions(scene, rng, n=4)         # [("What color is the star?", "red"), ...]
 """
 from __future__ import annotations
 
@@ -204,62 +203,6 @@ def random_scene(rng: np.random.Generator, split: str = "train", n: int | None =
 
 
 # ---------------------------------------------------------------------------------------
-# Questions
-
-
-def _absent(rng, scene: Scene) -> tuple[str, str]:
-    """A colour/shape pair that is not in the scene (often one word away from one that is)."""
-    present = {(o.colour, o.shape) for o in scene.objects}
-    while True:
-        if scene.objects and rng.random() < 0.7:
-            o = scene.objects[int(rng.integers(len(scene.objects)))]
-            pair = (o.colour, str(rng.choice(SHAPES))) if rng.random() < 0.5 else (str(rng.choice(list(COLOURS))), o.shape)
-        else:
-            pair = (str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
-        if pair not in present:
-            return pair
-
-
-def questions(scene: Scene, rng: np.random.Generator, n: int = 4) -> list[tuple[str, str]]:
-    """Up to n distinct (question, answer) pairs about one scene, kinds mixed at random."""
-    objs = scene.objects
-    pool: list[tuple[str, str]] = [("How many shapes are there?", str(len(objs))),
-                                   ("What is the background?", BACKGROUNDS[scene.background[0]])]
-    for o in objs:
-        pool.append((f"What color is the {o.shape}?", o.colour))
-        pool.append((f"What shape is the {o.colour} object?", o.shape))
-        pool.append((f"Is there a {o.name}?", "yes"))
-        clear = max(24, o.size / 3)  # most of the shape lies on one side of the middle: no ambiguous answer
-        if abs(o.cx - SIZE / 2) > clear:
-            pool.append((f"Is the {o.name} on the left or the right?", "left" if o.cx < SIZE / 2 else "right"))
-        if abs(o.cy - SIZE / 2) > clear:
-            pool.append((f"Is the {o.name} at the top or the bottom?", "top" if o.cy < SIZE / 2 else "bottom"))
-    for _ in range(max(1, len(objs))):  # as many "no" as "yes" questions
-        c, s = _absent(rng, scene)
-        pool.append((f"Is there a {c} {s}?", "no"))
-    pool = list(dict.fromkeys(pool))
-    order = rng.permutation(len(pool))[:n]
-    return [pool[i] for i in order]
-
-
-def clip_questions(scenes: list[Scene], rng: np.random.Generator, n: int = 2) -> list[tuple[str, str]]:
-    """Questions over several frames: was an object seen in any of them, and how many shapes
-    are in view now (in the last frame; always asked, it is what a live stream is asked most)."""
-    seen = {(o.colour, o.shape) for s in scenes for o in s.objects}
-    now = ("How many shapes are there now?", str(len(scenes[-1].objects)))
-    pool = []
-    for c, s in seen:
-        pool.append((f"Was there a {c} {s}?", "yes"))
-    for _ in range(max(1, len(seen))):  # an empty clip still gets a "no"
-        pair = (str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
-        if pair not in seen:
-            pool.append((f"Was there a {pair[0]} {pair[1]}?", "no"))
-    pool = list(dict.fromkeys(pool))
-    order = rng.permutation(len(pool))[: n - 1]
-    return [now] + [pool[i] for i in order]
-
-
-# ---------------------------------------------------------------------------------------
 # Clips
 
 
@@ -306,18 +249,3 @@ def long_video(rng: np.random.Generator, minutes: float = 10.0, fps: float = 0.2
         scenes[i] = Scene(bg, (o,))
         ev.append((i / fps, o))
     return LongVideo(scenes, fps, ev, absent)
-
-
-def kind_of(question: str) -> str:
-    """The question family, for per-kind scores."""
-    for prefix, kind in (("What color", "colour"), ("What shape", "shape"), ("How many", "count"),
-                         ("What is the background", "background"), ("Is there", "present"), ("Is the", "position"), ("Was there", "seen")):
-        if question.startswith(prefix):
-            return kind
-    return "other"
-
-
-def normalise(answer: str) -> str:
-    """What exact match compares: first word, lower case, no punctuation."""
-    words = answer.strip().lower().replace(".", " ").replace(",", " ").split()
-    return words[0] if words else ""

@@ -12,6 +12,10 @@ Cheap enough for a 2-core CPU (about 60 minutes from nothing, 57 with cached fea
     where an answer token is predicted; the LM runs under bf16 autocast. An attention mask
     keeps the turns apart: each sees the frames and itself at the positions it would have
     if asked alone, exactly as the engine asks it (no answer can be read off an earlier turn).
+  * Questions come in many wordings (questions.py, wording.TRAIN): 30% in the canonical template,
+    the rest plain, listing the options (inline or enumerated, in random order), polite, terse,
+    with an answer-form instruction; the answer is always the one word asked for. The held-out
+    wordings the quality bench also asks are never read here.
   * Budgets are mixed per batch (all 257 tokens, VisionZip 64, 32 and 16), so one set of
     weights serves every tokens_per_frame. Some batches are clips with "was there ...?" and
     "how many ... now?" questions, the kind a stream gets: unrelated scenes (2-6 frames, up to 24
@@ -19,8 +23,9 @@ Cheap enough for a 2-core CPU (about 60 minutes from nothing, 57 with cached fea
     moving clips.
 The LoRA (rank 8 on every attention and MLP projection) is merged into the LM's weights when
 TinyAdapter loads, so serving costs nothing extra. The sequence layout is the engine's
-(TinyAdapter.prompt_embeds + chat pieces). Progress lines report held-out accuracy per
-question kind; the quality bench (bench/quality_bench.py) is the real measurement.
+(TinyAdapter.prompt_embeds + chat pieces). Progress lines report accuracy on held-out scenes
+per question kind and for canonical ("template") vs other training wordings ("worded"); the
+quality bench (bench/quality_bench.py, with its held-out wordings) is the real measurement.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from . import data
 from .adapter import PROJECTOR, TinyAdapter
 from .model import FULL_TOKENS, Features, Projector, places, reduce
 from .lora import attach, beside, lora_state
+from .questions import asked, clip_questions, questions
 from .weights import cache_dir
 
 BUDGETS = (None, 64, 32, 16)  # None = all 257 tokens
@@ -170,7 +176,7 @@ def earlier_turns(rng: np.random.Generator, clip: list[data.Scene]) -> list[tupl
     before frame k and is about the frames before it (the latest one, or all of them)."""
     out = []
     for k in sorted(rng.integers(1, len(clip), size=int(rng.integers(1, 3)))):
-        pool = data.questions(clip[k - 1], rng, n=2) + data.clip_questions(clip[:k], rng, n=2)
+        pool = questions(clip[k - 1], rng, n=2) + clip_questions(clip[:k], rng, n=2)
         out.append((int(k), *pool[int(rng.integers(len(pool)))]))
     return out
 
@@ -205,12 +211,12 @@ def sample_batch(rng: np.random.Generator, scenes: list[data.Scene], batch: int,
                        for j, i in enumerate(idx)]
             t0, gap = float(rng.integers(0, 600)), float(rng.integers(1, 30))
             times = [t0 + gap * j for j in range(n)]
-            pairs = data.clip_questions([scenes[i] for i in idx], rng, n=qas)
+            pairs = clip_questions([scenes[i] for i in idx], rng, n=qas)
             earlier = earlier_turns(rng, [scenes[i] for i in idx]) if rng.random() < TURN_P else []
         else:
             idx = [int(rng.integers(len(scenes)))]
             times = [float(rng.integers(0, 1200)) / 2]
-            pairs = data.questions(scenes[idx[0]], rng, n=qas)
+            pairs = questions(scenes[idx[0]], rng, n=qas)
             earlier = []
         out.append((idx, budget, times, pairs, earlier))
     return out
@@ -231,22 +237,28 @@ def loss_on(adapter: TinyAdapter, batch, bf16: bool = False) -> tuple[torch.Tens
 def evaluate(adapter: TinyAdapter, projector: Projector, feats: Features, qas: list, bf16: bool,
              budgets=(None, 64, 32), batch: int = 8) -> dict:
     """Teacher-forced accuracy of each answer's first token on held-out scenes (one-word answers,
-    so this tracks the quality bench's exact match at a fraction of its cost)."""
-    out, kinds = {}, np.array([data.kind_of(q) for qa in qas for q, _ in qa])
+    so this tracks the quality bench's exact match at a fraction of its cost), per question kind
+    and split into questions in the canonical template and in other training wordings.
+    qas: per scene, [(question, Fact)] (questions.asked)."""
+    facts = [(q, f) for qa in qas for q, f in qa]
+    groups = {"template": np.array([q == f.canonical for q, f in facts])}
+    groups["worded"] = ~groups["template"]
+    groups.update({k: np.array([f.kind == k for _, f in facts]) for k in sorted({f.kind for _, f in facts})})
+    out = {}
     for budget in budgets:
         right = []
         for i in range(0, len(qas), batch):
-            samples = [([j], budget, [0.0], qas[j], []) for j in range(i, min(i + batch, len(qas)))]
+            samples = [([j], budget, [0.0], [(q, f.answer) for q, f in qas[j]], []) for j in range(i, min(i + batch, len(qas)))]
             b = build_batch(adapter, projector, feats, samples)
             _, ok = loss_on(adapter, b, bf16)
             right.append(ok[b.first])
         right = torch.cat(right).numpy()
-        out[budget or FULL_TOKENS] = {"all": float(right.mean()),
-                                      **{str(k): float(right[kinds == k].mean()) for k in sorted(set(kinds))}}
+        out[budget or FULL_TOKENS] = {"all": float(right.mean()), **{k: float(right[m].mean()) for k, m in groups.items() if m.any()}}
     return out
 
 
-def save(args, argv, projector: Projector, lora: dict, hist: list, evals: list, timings: tuple, final: bool) -> None:
+def save(args, argv, projector: Projector, lora: dict, hist: list, evals: list, timings: tuple, final: bool,
+         init: dict | None = None) -> None:
     """Projector, LoRA beside it, and projector.json (command, args, held-out progress)."""
     from safetensors.torch import save_file
 
@@ -262,6 +274,7 @@ def save(args, argv, projector: Projector, lora: dict, hist: list, evals: list, 
         "args": {k: str(v) for k, v in vars(args).items()},
         "finished": final,
         "lora": lora_path.name if lora else None,
+        "init": init,  # a fine-tune: the weights it started from
         "final_loss": float(np.mean([h[0] for h in hist[-20:]])),
         "final_answer_acc": float(np.mean([h[1] for h in hist[-20:]])),
         "held_out": evals,
@@ -273,6 +286,32 @@ def save(args, argv, projector: Projector, lora: dict, hist: list, evals: list, 
     }
     args.out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
     print(f"saved {args.out} ({'final' if final else 'checkpoint'}, step {len(hist)})", flush=True)
+
+
+def load_init(projector: Projector, path: Path) -> dict:
+    """Projector weights to start from; returns where they came from (kept in projector.json)."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    projector.load_state_dict(load_file(str(path)))
+    meta = path.with_suffix(".json")
+    came = json.loads(meta.read_text()) if meta.exists() else {}
+    return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "its_command": came.get("command"), "its_steps": came.get("steps_done")}
+
+
+@torch.no_grad()
+def load_lora(wrapped: dict, path: Path) -> None:
+    """Saved LoRA factors (scale folded into B) into freshly attached LoRALinears."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    if {k.rsplit(".", 1)[0] for k in state} != set(wrapped):
+        raise ValueError(f"{path} does not match the attached LoRA layers")
+    for name, m in wrapped.items():
+        m.A.copy_(state[f"{name}.A"].float())
+        m.B.copy_(state[f"{name}.B"].float() / m.scale)
 
 
 EVAL_SEED = 5_000  # held-out scenes for the progress line ("test" photos; the quality bench uses other seeds)
@@ -299,6 +338,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-scenes", type=int, default=48)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--out", type=Path, default=PROJECTOR, help="projector weights; the LoRA goes beside it")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from these projector weights and the LoRA beside them (a fine-tune: no alignment stage)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -315,7 +356,7 @@ def main(argv=None) -> int:
              for _ in range(args.moving)]
     ev_rng = np.random.default_rng(EVAL_SEED)
     ev_scenes = [data.random_scene(ev_rng, "test") for _ in range(args.eval_scenes)]
-    ev_qas = [data.questions(sc, ev_rng, n=args.qas) for sc in ev_scenes]
+    ev_qas = [asked(sc, ev_rng, n=args.qas) for sc in ev_scenes]
     t0 = time.time()
     feats = cached_features(adapter, scenes, f"train-seed{args.seed}-n{args.images}")
     if empties:
@@ -334,11 +375,16 @@ def main(argv=None) -> int:
     for p in projector.parameters():
         p.requires_grad_(True)
     t_align = time.time()
-    if args.align_steps:
+    init = None
+    if args.init:
+        init = load_init(projector, args.init)
+    elif args.align_steps:
         align(adapter, projector, feats, scenes, args.align_steps, rng)
     print(f"stage 1 done in {time.time() - t_align:.0f}s", flush=True)
     groups = [{"params": list(projector.parameters()), "lr": args.lr}]
     lora = attach(adapter.model, args.lora_rank) if args.lora_rank else {}
+    if args.init and lora:
+        load_lora(lora, beside(args.init))
     if lora:
         groups.append({"params": [p for m in lora.values() for p in (m.A, m.B)], "lr": args.lora_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -370,9 +416,9 @@ def main(argv=None) -> int:
                 print(f"held-out answer acc at step {step}, {k} tokens: " + " ".join(f"{kk} {vv:.2f}" for kk, vv in v.items()),
                       flush=True)
             if step < args.steps:  # a checkpoint: a run cut short keeps its latest weights
-                save(args, argv, projector, lora, hist, evals, timings + (time.time() - t1,), final=False)
+                save(args, argv, projector, lora, hist, evals, timings + (time.time() - t1,), final=False, init=init)
 
-    save(args, argv, projector, lora, hist, evals, timings + (time.time() - t1,), final=True)
+    save(args, argv, projector, lora, hist, evals, timings + (time.time() - t1,), final=True, init=init)
     return 0
 
 
