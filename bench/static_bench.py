@@ -69,9 +69,9 @@ def busy_clip(rng, frames: int):
     return out
 
 
-async def run(clip, questions, args, temporal):
+async def run(clip, asks, args, temporal):
     """Feed the clip to one session per question (and one when there are none); answers + stats."""
-    n = max(1, len(questions))
+    n = max(1, len(asks))
     async with Engine("streamvz-tiny", tokens_per_frame=64, cache_budget_tokens=args.budget, max_sessions=n,
                       temporal=temporal) as engine:
         ss = [engine.session() for _ in range(n)]
@@ -80,7 +80,7 @@ async def run(clip, questions, args, temporal):
             await asyncio.gather(*(s.add_frame(f, t=float(t)) for s in ss))
         ingest = (time.perf_counter() - t0) / len(clip)
         st = ss[0].stats()
-        answers = await asyncio.gather(*(s.ask(q, max_new_tokens=2).result() for s, q in zip(ss, questions)))
+        answers = await asyncio.gather(*(s.ask(q, max_new_tokens=2).result() for s, q in zip(ss, asks)))
     written = st["frames_seen"] - st["frames_skipped"]
     return dict(span_s=st["window_span_s"], frames_in_window=st["frames_in_window"],
                 tokens_per_written_frame=st["frame_tokens_mean"],
