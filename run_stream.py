@@ -146,6 +146,29 @@ def broker_address(broker: str, port: int) -> tuple[str, int]:
     return url.hostname, url.port or 1883
 
 
+def session_server_args(p: argparse.ArgumentParser) -> None:
+    """What `serve` and `worker` share: MQTT account and session idling, which sources clients may
+    open, and the per-session caps."""
+    p.add_argument("--mqtt-user", help="MQTT username")
+    p.add_argument("--mqtt-password", help="MQTT password (or env STREAMVZ_MQTT_PASSWORD)")
+    p.add_argument("--mqtt-ca", help="CA certificate file: connect to the broker over TLS")
+    p.add_argument("--mqtt-idle", type=float, default=600.0,
+                   help="close an MQTT session after this many seconds without a message for it (0: never)")
+    p.add_argument("--mqtt-reply-prefix", action="append", default=[], metavar="PREFIX",
+                   help="also allow MQTT response topics under PREFIX (repeatable); by default answers go only "
+                        "to <prefix>/<session>/answers[/...] or .../events")
+    p.add_argument("--media-root", action="append", default=[],
+                   help="directory whose videos clients may open by relative name (repeatable); none: no files")
+    p.add_argument("--allow-private-sources", action="store_true",
+                   help="let clients name source URLs on loopback, private or link-local hosts (refused by default)")
+    p.add_argument("--allow-source-network", action="append", default=[], metavar="CIDR",
+                   help="let clients name sources in this non-public network only (repeatable), "
+                        "e.g. 192.168.1.0/24 for the cameras")
+    p.add_argument("--max-push-fps", type=float, default=30.0, help="frames/s a client may push to a session")
+    p.add_argument("--max-question-chars", type=int, default=DEFAULTS.max_question_chars,
+                   help="longest question accepted")
+
+
 def pool_args(p: argparse.ArgumentParser, group: str | None) -> None:
     g = p.add_argument_group("worker pool (MQTT v5; docs/scale-out.md)")
     g.add_argument("--group", default=group, help="be a pool worker of this group: sessions split across workers "
@@ -291,32 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8765, help="websocket/HTTP port")
     s.add_argument("--broker", default="127.0.0.1", help="MQTT broker host")
     s.add_argument("--broker-port", type=int, default=1883, help="MQTT broker port")
-    s.add_argument("--mqtt-user", help="MQTT username")
-    s.add_argument("--mqtt-password", help="MQTT password (or env STREAMVZ_MQTT_PASSWORD)")
-    s.add_argument("--mqtt-ca", help="CA certificate file: connect to the broker over TLS")
-    s.add_argument("--mqtt-idle", type=float, default=600.0,
-                   help="close an MQTT session after this many seconds without a message for it (0: never)")
+    session_server_args(s)
     s.add_argument("--mqtt-client-id", help="MQTT client id (default streamvz-server-streamvz); unique per server")
     s.add_argument("--mqtt-session-expiry", type=int, default=300, metavar="S",
                    help="seconds the broker keeps this server's subscriptions and queued requests while it is "
                         "away (0: none)")
-    s.add_argument("--mqtt-reply-prefix", action="append", default=[], metavar="PREFIX",
-                   help="also allow MQTT response topics under PREFIX (repeatable); by default answers go only "
-                        "to <prefix>/<session>/answers[/...] or .../events")
-    s.add_argument("--media-root", action="append", default=[],
-                   help="directory whose videos clients may open by relative name (repeatable); none: no files")
-    s.add_argument("--allow-private-sources", action="store_true",
-                   help="let clients name source URLs on loopback, private or link-local hosts (refused by default)")
-    s.add_argument("--allow-source-network", action="append", default=[], metavar="CIDR",
-                   help="let clients name sources in this non-public network only (repeatable), "
-                        "e.g. 192.168.1.0/24 for the cameras")
     s.add_argument("--token", help="require this bearer token from websocket clients (or env STREAMVZ_TOKEN)")
     s.add_argument("--origin", action="append", help="allowed Origin header for websocket clients (repeatable)")
     s.add_argument("--grace", type=float, default=30.0, help="seconds a disconnected client's session is kept")
     s.add_argument("--sessions-per-client", type=int, default=4, help="sessions one client address may hold")
-    s.add_argument("--max-push-fps", type=float, default=30.0, help="frames/s a client may push to a session")
-    s.add_argument("--max-question-chars", type=int, default=DEFAULTS.max_question_chars,
-                   help="longest question accepted")
     pool_args(s, None)
     s.add_argument("--backend", metavar="mqtt://HOST:PORT",
                    help="be a websocket gateway: same protocol and page, sessions on the worker pool behind this broker")
@@ -327,22 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Same as `serve --transport mqtt --group G`. See docs/scale-out.md.")
     engine_args(w)
     w.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="the broker, mqtt://HOST:PORT")
-    w.add_argument("--mqtt-user", help="MQTT username")
-    w.add_argument("--mqtt-password", help="MQTT password (or env STREAMVZ_MQTT_PASSWORD)")
-    w.add_argument("--mqtt-ca", help="CA certificate file: connect to the broker over TLS")
-    w.add_argument("--mqtt-idle", type=float, default=600.0, help="close a session after this many idle seconds")
-    w.add_argument("--media-root", action="append", default=[], help="directory clients may open videos from")
-    w.add_argument("--max-push-fps", type=float, default=30.0, help="frames/s a client may push to a session")
-    w.add_argument("--max-question-chars", type=int, default=DEFAULTS.max_question_chars,
-                   help="longest question accepted")
-    w.add_argument("--allow-private-sources", action="store_true",
-                   help="let clients open server-side sources on loopback/private/link-local hosts")
-    w.add_argument("--mqtt-reply-prefix", action="append", default=[], metavar="PREFIX",
-                   help="also allow response topics under PREFIX (repeatable)")
+    session_server_args(w)
     pool_args(w, "streamvz")
+    # A worker is `serve --transport mqtt --group G`: what serve's other flags would say, fixed. (Its broker
+    # session expiry is 0 whatever this says: see PoolWorker.)
     w.set_defaults(transport="mqtt", host="127.0.0.1", port=0, broker_port=1883, token=None, origin=None, grace=30.0,
-                   sessions_per_client=4, backend=None, mqtt_client_id=None, mqtt_session_expiry=300,
-                   allow_source_network=[])
+                   sessions_per_client=4, backend=None, mqtt_client_id=None, mqtt_session_expiry=0)
 
     an = sub.add_parser("analyze", help="analyse a video file: answers and a timestamped summary (JSON + Markdown)",
                         description="Walk VIDEO at --fps, write a timeline summary every --summary-every seconds "
