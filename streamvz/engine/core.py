@@ -11,7 +11,7 @@ The loop, on the event loop:
     while running:
         step = scheduler.schedule(sessions)                  # plain data: which rows (scheduler.py)
         out = await worker(runner.execute, step)             # one vision batch + ONE forward (runner.py)
-        apply(step, out)                                     # futures, tokens, ends (state.py)
+        apply(step, out, states)                             # futures, tokens, ends (update.py)
 
 All session and answer state belongs to the loop; the worker thread owns the model and the KV
 store and sees only immutable steps. Memory is fixed at start: max_sessions x budget rows.
@@ -232,18 +232,19 @@ class Engine:
             a.end("cancelled")
         self._kick()
 
-    def stats(self, session_id: str) -> dict:
+    def _known_state(self, session_id: str) -> SessionState:
         s = self._states.get(session_id)
         if s is None:
             raise StreamError("unknown_session", f"no session {session_id!r}")
-        return s.stats()
+        return s
+
+    def stats(self, session_id: str) -> dict:
+        return self._known_state(session_id).stats()
 
     async def cache_view(self, session_id: str) -> CacheView:
         """A copy of a session's cache (blocks and per-layer keys/values), read on the worker."""
-        s = self._states.get(session_id)
-        if s is None:
-            raise StreamError("unknown_session", f"no session {session_id!r}")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.runner.view, s.slot)
+        slot = self._known_state(session_id).slot
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.runner.view, slot)
 
     async def close_session(self, session_id: str) -> None:
         """Cancel what is queued or running and free the slot. Idempotent."""

@@ -42,6 +42,16 @@ class _Prepared:
     fresh: bool  # the row starts its slot afresh (its table is new until the forward succeeds)
 
 
+@dataclass
+class _FrameCounts:
+    """One slot's frames since its session began: written, their visual tokens, the last one's, skipped."""
+
+    written: int = 0
+    tokens: int = 0
+    last: int = 0
+    skipped: int = 0
+
+
 def internal(e: Exception, what: str) -> StreamError:
     if isinstance(e, StreamError):
         return e
@@ -59,7 +69,7 @@ class Runner:
         self.tables: dict[int, BlockTable] = {}
         self.temporal = temporal
         self.filters: dict[int, TemporalFilter] = {}  # per slot, when temporal drop is on
-        self.written: dict[int, list] = {}  # per slot: [frames written, their visual tokens, last, skipped]
+        self.counts: dict[int, _FrameCounts] = {}  # per slot
 
     # -- one step ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -70,17 +80,16 @@ class Runner:
         for i, row in enumerate(step.rows):
             if row.system is not None:  # a new session in this slot
                 self.filters.pop(row.slot, None)
-                self.written[row.slot] = [0, 0, 0, 0]
+                self.counts[row.slot] = _FrameCounts()
             enc = self.drop_unchanged(row.slot, encoded[k:k + len(row.frames)])
             k += len(row.frames)
-            good = [j for j, e in enumerate(enc) if not isinstance(e, Exception)]  # encoded (or skipped)
             for j, e in enumerate(enc):
                 if isinstance(e, Exception):
                     results[i].frame_errors[j] = e
-            good = [j for j in good if enc[j] is not None]  # None: skipped, nothing changed
+            good = {j: e for j, e in enumerate(enc) if e is not None and not isinstance(e, Exception)}  # None: skipped
             if row.frames and not good and row.system is None:
                 continue
-            jobs.append((i, row, {j: enc[j] for j in good}))
+            jobs.append((i, row, good))
         self.run(jobs, results)
         for i, row in enumerate(step.rows):
             results[i].cache = self.stats(row.slot)
@@ -114,7 +123,7 @@ class Runner:
             if keep is None:
                 out.append(e)
             elif len(keep) == 0:
-                self.written.setdefault(slot, [0, 0, 0, 0])[3] += 1
+                self.counts.setdefault(slot, _FrameCounts()).skipped += 1
                 out.append(None)
             else:
                 out.append((embeds[keep], None if offsets is None else offsets[:, keep]))
@@ -151,9 +160,9 @@ class Runner:
         for p in prepared:
             self.tables[p.row.slot] = p.table
             results[p.index].started = True
-            counts = self.written.setdefault(p.row.slot, [0, 0, 0, 0])
+            counts = self.counts.setdefault(p.row.slot, _FrameCounts())
             for e, _ in p.enc.values():
-                counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + len(e), len(e)
+                counts.written, counts.tokens, counts.last = counts.written + 1, counts.tokens + len(e), len(e)
         want = [(p, n) for n, p in enumerate(prepared) if p.row.sample is not None]
         if want:
             tokens = sample(logits[[n for _, n in want]], [p.row.sample for p, _ in want])
@@ -184,18 +193,18 @@ class Runner:
             spans = [len(e) if off is None else int(off.max()) + 1 for _, e, off in frames]
             specs = [("frame", len(f.before) + len(e) + len(f.after), len(f.before) + n + len(f.after), {"t": f.t})
                      for (f, e, _), n in zip(frames, spans)]
-            starts, ev = self.evict(row.slot, table.append_many(specs))
+            starts = self.evict(row.slot, table.append_many(specs))
             for (f, e, off), n, start in zip(frames, spans, starts):
                 at = start + len(f.before)
                 pieces += [self.text(f.before, start), (e, self.visual_positions(at, len(e), off)),
                            self.text(f.after, at + n)]
             undo = ("blocks", len(specs))
         elif row.question is not None:
-            (start,), ev = self.evict(row.slot, table.append_many([("turn", len(row.question), None, row.meta)]))
+            (start,) = self.evict(row.slot, table.append_many([("turn", len(row.question), None, row.meta)]))
             pieces.append(self.text(row.question, start))
             undo = ("blocks", 1)
         elif row.extend:
-            start, ev = self.evict(row.slot, table.grow(len(row.extend)))
+            start = self.evict(row.slot, table.grow(len(row.extend)))
             pieces.append(self.text(row.extend, start))
             undo = ("tokens", len(row.extend))
         pieces = [p for p in pieces if len(p[0])]
@@ -205,11 +214,11 @@ class Runner:
         return _Prepared(index, row, table, enc, embeds, positions, hide, undo, fresh)
 
     def evict(self, slot: int, registered):
-        """Apply the eviction a registration asked for to the stored rows; pass the starts on."""
+        """Apply the eviction a registration asked for to the stored rows; pass its start(s) on."""
         starts, ev = registered
         if ev is not None:
             self.store.compact(slot, ev)
-        return starts, ev
+        return starts
 
     def rollback(self, p: _Prepared) -> None:
         if not p.fresh:  # a fresh table was never committed: dropping it is the undo
@@ -249,10 +258,10 @@ class Runner:
         if table is None:
             return CacheStats()
         times = [b.meta["t"] for b in table.frames()]
-        n, tokens, last, skipped = self.written.get(slot, [0, 0, 0, 0])
+        c = self.counts.get(slot, _FrameCounts())
         return CacheStats(len(times), table.evicted_frames, table.count(), self.store.nbytes(slot),
                           table.next_position, times[0] if times else None, times[-1] if times else None,
-                          skipped, last, tokens / n if n else 0.0)
+                          c.skipped, c.last, c.tokens / c.written if c.written else 0.0)
 
     def view(self, slot: int) -> CacheView:
         table = self.tables.get(slot) or BlockTable(self.budget)
