@@ -17,9 +17,8 @@ import torch
 from transformers import InternVLForConditionalGeneration
 
 from ..compress import QKCapture, VisionZip, cls_scores, scoring_layer_index
-from .llava_next_video import FrameAdapter
 from .onevision import CHATML
-from .shuffle import group_members, zip_groups
+from .shuffle import ShuffleAdapter, group_members, zip_groups
 
 
 def _side(value) -> int:
@@ -52,7 +51,7 @@ def internvl_visionzip(inner, pixel_values: torch.Tensor, members: torch.Tensor,
     return zip_groups(tokens, scores, k[:, :, 1:].mean(1), members, vz)
 
 
-class InternVLAdapter(FrameAdapter):
+class InternVLAdapter(ShuffleAdapter):
     model_class = InternVLForConditionalGeneration
     chat = replace(CHATML, frame_prefix="Frame at {:.1f}s: <img>", frame_suffix="</img>\n")
     default_system = "You are a helpful assistant."
@@ -63,18 +62,8 @@ class InternVLAdapter(FrameAdapter):
         if cfg.vision_feature_select_strategy != "default":
             raise ValueError("InternVL checkpoints drop CLS before the pixel shuffle (select strategy 'default'); "
                              f"this one uses {cfg.vision_feature_select_strategy!r}")
-        self.size = _side(cfg.vision_config.image_size)
-        self.members = shuffle_groups(self.model.model)
-        self.full_tokens = len(self.members)  # 256 at 448 px
-        if self.vz is not None:
-            self.vz.check(self.full_tokens, has_cls=False)
+        self.use_groups(_side(cfg.vision_config.image_size), shuffle_groups(self.model.model))  # 256 at 448 px
         self._feature_layer()  # one feature layer, or a clear error now
-        self.tokens_per_frame = self.budget or self.full_tokens
-        self.last_indices = None
-
-    def pixel_values(self, frames) -> torch.Tensor:
-        """As InternVL's video processor: the frame resized to the tower's square, normalised."""
-        return self._normalise(self._resize(self._tower_input(frames), self.size, self.size))
 
     @torch.inference_mode()
     def encode_frames(self, frames) -> torch.Tensor:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from ..compress import VisionZip, select
+from .llava_next_video import FrameAdapter
 
 
 def group_members(shuffle: Callable[[torch.Tensor], torch.Tensor], side: int) -> torch.Tensor:
@@ -32,3 +33,20 @@ def zip_groups(tokens: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, m
     group_keys = keys[:, members].float().mean(-2)  # [B, G, d]
     vz.check(members.shape[0], has_cls=False)
     return select(tokens, group_scores, group_keys, vz.dominant, vz.contextual, has_cls=False, merge=vz.merge)
+
+
+class ShuffleAdapter(FrameAdapter):
+    """What the pixel-shuffle families (SmolVLM2, InternVL3) share: one square tile per frame, and
+    VisionZip over the shuffle's groups (`members`: the patches each LM token is made of)."""
+
+    def use_groups(self, size: int, members: torch.Tensor) -> None:
+        self.size, self.members = size, members
+        self.full_tokens = len(members)  # LM tokens per frame after the shuffle
+        if self.vz is not None:
+            self.vz.check(self.full_tokens, has_cls=False)  # groups are scored; CLS is never one of them
+        self.tokens_per_frame = self.budget or self.full_tokens
+        self.last_indices = None
+
+    def pixel_values(self, frames) -> torch.Tensor:
+        """As the families' video processors: the frame resized to the tower's square, normalised."""
+        return self._normalise(self._resize(self._tower_input(frames), self.size, self.size))

@@ -15,8 +15,7 @@ from transformers import SmolVLMForConditionalGeneration
 
 from ..compress import QKCapture, VisionZip, received_scores
 from .base import ChatFormat
-from .llava_next_video import FrameAdapter
-from .shuffle import group_members, zip_groups
+from .shuffle import ShuffleAdapter, group_members, zip_groups
 
 
 def shuffle_groups(inner) -> torch.Tensor:
@@ -56,24 +55,14 @@ SMOLVLM_CHAT = ChatFormat(
 )
 
 
-class SmolVLMAdapter(FrameAdapter):
+class SmolVLMAdapter(ShuffleAdapter):
     model_class = SmolVLMForConditionalGeneration
     chat = SMOLVLM_CHAT
     default_system = "You are a helpful assistant."
 
     def __init__(self, model: str, tokens_per_frame: int | None = 64, device=None, dtype=None, **kw):
         super().__init__(model, tokens_per_frame, device, dtype, **kw)
-        self.size = self.model.config.vision_config.image_size
-        self.members = shuffle_groups(self.model.model)
-        self.full_tokens = len(self.members)  # (side / s)^2 tokens per frame
-        if self.vz is not None:
-            self.vz.check(self.full_tokens, has_cls=False)
-        self.tokens_per_frame = self.budget or self.full_tokens
-        self.last_indices = None
-
-    def pixel_values(self, frames) -> torch.Tensor:
-        """As SmolVLM2's video processor: the frame squared to the tower's size, normalised."""
-        return self._normalise(self._resize(self._tower_input(frames), self.size, self.size))
+        self.use_groups(self.model.config.vision_config.image_size, shuffle_groups(self.model.model))
 
     @torch.inference_mode()
     def encode_frames(self, frames) -> torch.Tensor:
