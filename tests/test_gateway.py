@@ -67,6 +67,39 @@ async def test_sessions_opened_through_the_gateway_live_on_both_workers(server):
             await c.__aexit__(None, None, None)
 
 
+async def test_gateway_resume_needs_the_secret_and_nothing_else(server):
+    """As on a plain server: a session id without its `resume` secret resumes nothing, and a resume
+    carries no other field; the owner still resumes afterwards."""
+    async with WsChat(server.url) as owner:
+        opened = await owner.open()
+    sid, secret = opened["session"], opened["resume"]
+    for fields, code in ((dict(session=sid), "unknown_session"), (dict(session=sid, resume="guess"), "unknown_session"),
+                         (dict(session=sid, resume=secret, fps=2.0), "bad_field")):
+        with pytest.raises(StreamError) as ei:
+            async with WsChat(server.url) as other:
+                await other.open(**fields)
+        assert ei.value.code == code, fields
+    async with WsChat(server.url) as again:
+        assert (await again.open(session=sid, resume=secret))["resumed"] is True
+        await again.close()
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--transport", "mqtt", "--backend", "mqtt://127.0.0.1:1"], "--backend makes a websocket gateway"),
+    (["--broker", "http://127.0.0.1:1883"], "--broker takes mqtt://HOST:PORT"),
+])
+def test_gateway_and_broker_flags_misused_are_told_before_any_model_loads(args, says):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = Path(__file__).resolve().parents[1] / "run_stream.py"
+    proc = subprocess.run([sys.executable, str(run), "serve", "--model", "/nonexistent", *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "error [bad_argument]" in proc.stderr and says in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 # test_ws's wire-level tests, in test_ws's order (pytest runs a module's tests in the order they are bound).
 from test_ws import (test_push_frames_ask_stream_and_status, test_server_side_source,  # noqa: E402,F401
                      test_hostile_inputs_get_their_errors_while_another_session_streams, test_cancel_mid_answer,

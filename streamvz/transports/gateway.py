@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import hmac
 import secrets
 import ssl
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from streamvz import protocol
 from streamvz.errors import StreamError
 from streamvz.protocol import Limits
 from streamvz.transports import presence
-from streamvz.transports.security import SourcePolicy
+from streamvz.transports.security import SourcePolicy, check_resume
 from streamvz.transports.service import PeerGone
 
 log = logging.getLogger("streamvz.gateway")
@@ -128,16 +127,7 @@ class Gateway:
     async def open(self, msg: dict, conn: "GatewayConn") -> str:
         if "session" in msg:  # resume, as on a plain server: within the grace period, only `session`
             route = self.routes.get(msg["session"])
-            # As on a plain server: a session id alone, seen in a log or guessed, resumes nothing.
-            if route is None or not hmac.compare_digest(route.secret.encode(), str(msg.get("resume", "")).encode()):
-                raise StreamError("unknown_session", f"no session {msg['session']!r} to resume (closed, expired, "
-                                  "or not this `resume` secret)")
-            extra = set(msg) - {"op", "session", "resume", "v"}
-            if extra:
-                raise StreamError("bad_field", f"resuming takes only `session` and `resume`, not {sorted(extra)}",
-                                  field=sorted(extra)[0])
-            if route.conn is not None:
-                raise StreamError("session_in_use", "the session is attached to another connection")
+            check_resume(msg, route and route.secret, route is not None and route.conn is not None)  # as a plain server
             if route.expiry is not None:
                 route.expiry.cancel()
                 route.expiry = None

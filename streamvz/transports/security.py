@@ -223,3 +223,19 @@ def token_ok(expected: str | None, given: str | None) -> bool:
     if expected is None:
         return True
     return given is not None and hmac.compare_digest(expected.encode(), given.encode())
+
+
+def check_resume(msg: dict, secret: str | None, attached: bool) -> None:
+    """A resume (`open` with `session`) must carry its session's owner secret (`secret`: None when no
+    such session is held for this transport) and nothing else, and find the session detached.
+    Unknown, closed and wrong-secret read alike: a session id alone, seen in a log or guessed,
+    opens nothing."""
+    if secret is None or not hmac.compare_digest(secret.encode(), str(msg.get("resume", "")).encode()):
+        raise StreamError("unknown_session", f"no session {msg['session']!r} to resume (closed, expired, "
+                          "or not this `resume` secret)")
+    extra = set(msg) - {"op", "v", "session", "resume"}
+    if extra:  # a resumed session keeps its source, fps and system prompt
+        raise StreamError("bad_field", f"resuming takes only `session` and `resume`, not {sorted(extra)}",
+                          field=sorted(extra)[0])
+    if attached:
+        raise StreamError("session_in_use", "the session is attached to another connection")

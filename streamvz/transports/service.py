@@ -9,7 +9,6 @@ sockets or topics.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import secrets
 import time
@@ -20,7 +19,7 @@ from streamvz import protocol
 from streamvz.errors import StreamError
 from streamvz.protocol import Limits
 from streamvz.transports.preview import Previews, render as render_previews
-from streamvz.transports.security import SourcePolicy, TokenBucket
+from streamvz.transports.security import SourcePolicy, TokenBucket, check_resume
 
 log = logging.getLogger("streamvz.serve")
 Send = Callable[..., Awaitable[None]]  # send(op, **fields)
@@ -76,16 +75,8 @@ class Service:
         transport: a session id alone, seen in a log or guessed, opens nothing."""
         if "session" in msg and session_id is None:
             entry = self.entries.get(msg["session"])
-            if entry is None or entry.transport != transport or not hmac.compare_digest(
-                    entry.secret.encode(), str(msg.get("resume", "")).encode()):
-                raise StreamError("unknown_session", f"no session {msg['session']!r} to resume (closed, expired, "
-                                  "or not this `resume` secret)")
-            extra = set(msg) - {"op", "session", "resume"}
-            if extra:  # a resumed session keeps its source, fps and system prompt
-                raise StreamError("bad_field", f"resuming takes only `session` and `resume`, not {sorted(extra)}",
-                                  field=sorted(extra)[0])
-            if entry.send is not None:
-                raise StreamError("session_in_use", "the session is attached to another connection")
+            mine = entry is not None and entry.transport == transport
+            check_resume(msg, entry.secret if mine else None, mine and entry.send is not None)
             if entry.expiry is not None:
                 entry.expiry.cancel()
                 entry.expiry = None
