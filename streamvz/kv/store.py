@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..errors import StreamError
 from .policy import Eviction
 from .rope import rotate_back
 
@@ -38,10 +39,12 @@ class SlotStore:
         try:
             self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
             self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-        except torch.OutOfMemoryError as e:
-            raise MemoryError(f"the KV store needs {slots} sessions x {budget} tokens x "
-                              f"{self.per_token(layers, kv_heads, head_dim, dtype)} bytes; lower max_sessions or "
-                              "cache_budget_tokens") from e
+        # A GPU says OutOfMemoryError; the CPU allocator says RuntimeError ("can't allocate memory").
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            need = slots * budget * self.per_token(layers, kv_heads, head_dim, dtype)
+            raise StreamError("kv_store_too_large", f"the KV store needs {slots} sessions x {budget} tokens x "
+                              f"{self.per_token(layers, kv_heads, head_dim, dtype)} bytes = {need / 2**30:.1f} GiB, "
+                              f"which {device} cannot allocate; lower max_sessions or cache_budget_tokens") from e
         self.slots, self.budget, self.inv_freq = slots, budget, inv_freq.float()
         self.bytes_per_token = self.per_token(layers, kv_heads, head_dim, dtype)
         self.length = [0] * slots  # rows held by each slot
