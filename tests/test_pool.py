@@ -94,6 +94,25 @@ async def test_sessions_spread_answers_return_frames_stay_on_their_worker(pool, 
         await close_all(chats)
 
 
+async def test_an_open_answering_elsewhere_is_refused_and_the_pool_goes_on(pool, broker):  # noqa: F811
+    """The shared `open` checks its response topic like every request: answers go only to the
+    session's own topics, so an open that names another topic gets `topic_not_allowed` (on the
+    session's events topic) and opens nothing; the same client then opens normally."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    async with chat(broker, "elsewhere") as c:
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = "streamvz/someone-else/control"  # another session's request topic
+        await c.client.publish("streamvz/open/elsewhere", b'{"v":1,"op":"open"}', qos=1, properties=props)
+        with pytest.raises(StreamError) as ei:
+            await c.expect("opened")
+        assert ei.value.code == "topic_not_allowed"
+        opened = await c.open()
+        assert opened["worker"] in ("w1", "w2") and opened["resumed"] is False  # nothing was opened before
+        await c.close()
+
+
 async def test_full_worker_passes_the_open_on_then_pool_full(pool, broker):  # noqa: F811
     async with PoolWatch(broker.port) as watch:
         await watch.until(load(("w1", 0), ("w2", 0)), 30)

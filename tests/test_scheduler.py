@@ -149,3 +149,15 @@ def test_row_cap_rotates_across_sessions_and_due_frames_go_first():
         finish_step(step, ss)
     assert set(order[:3]) == {"a", "b"} and order[3] == "c"  # frames due on the 4th step take the one row
     assert order.count("a") >= 3 and order.count("b") >= 3
+
+
+def test_a_turn_with_nothing_to_put_in_ends_without_a_row():
+    """A chat format without an end-of-turn marker and an answer that ended on EOS: nothing is
+    left to write, so the answer ends at once instead of sending an empty row."""
+    sch = Scheduler(EngineConfig(), marker, [])
+    s = session("a", 0)
+    a = add_question(s)
+    sch.schedule([s])
+    a.phase, a.pending = "decode", None
+    a.close("stop")
+    assert sch.schedule([s]) is None and a.ended and a.finish_reason == "stop" and s.active is None

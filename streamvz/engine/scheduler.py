@@ -76,7 +76,12 @@ class Scheduler:
         if a.phase == "decode":
             return Row(s.id, s.slot, extend=(a.pending,), sample=a.spec(), since_t=a.since_t)
         if a.phase == "closing":
-            return Row(s.id, s.slot, extend=tuple(a.closing_ids(self.end_of_turn)))
+            ids = a.closing_ids(self.end_of_turn)
+            if not ids:  # nothing to put in (no end-of-turn marker, no pending token): the turn is complete
+                a.end()
+                s.active = None
+                return None
+            return Row(s.id, s.slot, extend=tuple(ids))
         return None
 
     def frame_rows(self, sessions: list[SessionState]) -> list[Row]:
