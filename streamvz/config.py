@@ -28,7 +28,7 @@ class EngineConfig:
     temporal: str = "off"  # "off" | "drop"
     temporal_threshold: float = 0.08  # changed: best cosine similarity to the last frame below 1 - this
     key_frame_every: int = 30  # frames between key frames (all tokens kept)
-    scene_change: float = 0.5  # more than this share of tokens changed: a key frame
+    scene_change: float = 0.3  # more than this share of the picture changed (same place, vs the key frame): a key frame
     temporal_min_tokens: int = 0  # tokens kept from every frame at least (0: a still frame is not written)
 
     def with_(self, **changes) -> "EngineConfig":

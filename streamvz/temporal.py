@@ -12,9 +12,14 @@ in LM space), and a ViT's features carry their position, so in a still scene the
 the same place. An object that enters brings tokens with no twin; when it leaves, VisionZip's
 salient tokens move to what is behind it, which had no twin either.
 
-A key frame keeps every token: the first frame, every `key_every`-th frame, and any frame where
-more than `scene_change` of the tokens changed (a cut, a camera moved), so the window never loses
-its reference picture. A frame where nothing changed is not written at all (the next written
+A key frame keeps every token: the first frame, every `key_every`-th frame, and any frame whose
+picture changed in more than `scene_change` of its places since the last key frame (a cut, a
+camera that pans or moves, a light switched on), so the window never loses its reference picture
+and the drop backs off when everything moves. That test compares the same place, not the nearest
+token: the picture is cut into a GRID x GRID grid of cell means and a cell changed when a channel's
+mean moved by more than PIXEL_CHANGE (out of 255; a cell averages hundreds of pixels, so sensor
+noise stays far below it). Nearest-twin matching alone cannot tell a pan from a still scene: a
+panning camera shows mostly the same things, shifted, and most tokens find a twin. A frame where nothing changed is not written at all (the next written
 frame's timestamp says how much time passed); `min_tokens` > 0 keeps that many per frame instead.
 """
 from __future__ import annotations
@@ -25,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("off", "drop")
+GRID = 8  # picture cells per side for the scene-change test
+PIXEL_CHANGE = 4.0  # a cell changed: some channel's mean moved by more than this (0-255)
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,7 @@ class TemporalConfig:
     mode: str = "off"  # "off" | "drop"
     threshold: float = 0.08  # a token changed when its best cosine similarity is below 1 - threshold
     key_every: int = 30  # frames between key frames (each keeps all its tokens)
-    scene_change: float = 0.5  # more than this share changed: a key frame
+    scene_change: float = 0.3  # more than this share of the picture's cells changed since the key frame: a key frame
     min_tokens: int = 0  # tokens kept from every non-key frame at least (0: still frames are skipped)
 
     def __post_init__(self):
@@ -52,24 +59,39 @@ def best_similarity(tokens: torch.Tensor, previous: torch.Tensor | None) -> torc
     return (a @ b.T).max(dim=1).values
 
 
+def picture_cells(picture) -> torch.Tensor:
+    """uint8 [H, W, 3] (array or tensor, any size) -> [3, GRID, GRID] cell means (0-255)."""
+    x = torch.as_tensor(picture).permute(2, 0, 1).float()
+    return F.adaptive_avg_pool2d(x, GRID)
+
+
+def changed_share(cells: torch.Tensor, reference: torch.Tensor) -> float:
+    """Share of the grid's places whose picture changed between two `picture_cells`."""
+    return float(((cells - reference).abs().amax(0) > PIXEL_CHANGE).float().mean())
+
+
 class TemporalFilter:
-    """One session's state: the previous frame's tokens and the frames since the last key frame."""
+    """One session's state: the previous frame's tokens, the last key frame's picture cells and
+    the frames since that key frame."""
 
     def __init__(self, config: TemporalConfig):
         self.config = config
         self.previous: torch.Tensor | None = None
+        self.key_cells: torch.Tensor | None = None
         self.since_key = 0
 
-    def keep(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        """Indices of the rows of `tokens` [k, W] to write, in order (None: all of them, a key frame)."""
+    def keep(self, tokens: torch.Tensor, picture) -> torch.Tensor | None:
+        """Indices of the rows of `tokens` [k, W] (the frame `picture`, uint8 [H, W, 3]) to write,
+        in order (None: all of them, a key frame)."""
         cfg = self.config
-        first = self.previous is None
+        cells = picture_cells(picture)
         best = best_similarity(tokens, self.previous)
         self.previous = tokens.detach()
-        changed = best < 1.0 - cfg.threshold
-        if first or self.since_key + 1 >= cfg.key_every or float(changed.float().mean()) > cfg.scene_change:
-            self.since_key = 0
+        if (self.key_cells is None or self.since_key + 1 >= cfg.key_every
+                or changed_share(cells, self.key_cells) > cfg.scene_change):
+            self.key_cells, self.since_key = cells, 0
             return None
+        changed = best < 1.0 - cfg.threshold
         self.since_key += 1
         if int(changed.sum()) < cfg.min_tokens:  # top up with the least similar of the rest
             changed[best.argsort()[:cfg.min_tokens]] = True

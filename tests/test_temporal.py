@@ -8,31 +8,54 @@ from streamvz.temporal import TemporalConfig, TemporalFilter
 from test_batching import family_adapter
 
 
+PICTURE = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+
+def noisy(picture, rng, sigma=2.0):
+    return np.clip(picture + rng.normal(0, sigma, picture.shape), 0, 255).astype(np.uint8)
+
+
 def test_still_frames_cost_nothing_after_the_key_frame_and_changes_are_kept():
-    g = torch.Generator().manual_seed(0)
+    g, rng = torch.Generator().manual_seed(0), np.random.default_rng(1)
     scene = torch.randn(16, 32, generator=g)
-    f = TemporalFilter(TemporalConfig("drop", threshold=0.05, key_every=6, scene_change=0.5))
-    assert f.keep(scene) is None  # the first frame is a key frame
-    noisy = scene + 0.01 * torch.randn(16, 32, generator=g)  # sensor noise: not a change
-    assert len(f.keep(noisy)) == 0
-    moved = noisy.clone()
+    f = TemporalFilter(TemporalConfig("drop", threshold=0.05, key_every=6, scene_change=0.3))
+    assert f.keep(scene, PICTURE) is None  # the first frame is a key frame
+    still = scene + 0.01 * torch.randn(16, 32, generator=g)  # sensor noise: not a change
+    assert len(f.keep(still, noisy(PICTURE, rng))) == 0
+    moved = still.clone()
     moved[5] = torch.randn(32, generator=g)  # one token shows something new
-    assert f.keep(moved).tolist() == [5]
-    assert len(f.keep(moved)) == 0  # it stays: nothing new any more
-    assert len(f.keep(noisy)) == 1  # it leaves: token 5 differs from the frame before again
-    assert len(f.keep(noisy)) == 0
-    assert f.keep(noisy) is None  # frame 6: key frames are frames 0, 6, 12, ...
-    cut = torch.randn(16, 32, generator=g)
-    assert len(f.keep(noisy)) == 0 and f.keep(cut) is None  # a cut: most tokens changed, a key frame
+    small = noisy(PICTURE, rng)
+    small[:8, :8] = 255 - small[:8, :8]  # in one corner of the picture
+    assert f.keep(moved, small).tolist() == [5]
+    assert len(f.keep(moved, small)) == 0  # it stays: nothing new any more
+    assert len(f.keep(still, noisy(PICTURE, rng))) == 1  # it leaves: token 5 differs from the frame before again
+    assert len(f.keep(still, noisy(PICTURE, rng))) == 0
+    assert f.keep(still, noisy(PICTURE, rng)) is None  # frame 6: key frames are frames 0, 6, 12, ...
+    assert len(f.keep(still, noisy(PICTURE, rng))) == 0
+    cut = np.random.default_rng(9).integers(0, 256, PICTURE.shape, dtype=np.uint8)
+    assert f.keep(still, cut) is None  # a cut: the picture changed everywhere, a key frame
+
+
+def test_a_moving_camera_gets_key_frames_although_its_tokens_find_twins():
+    """A pan shows the same things shifted: every token still has a near twin in the previous
+    frame, but the picture changed at most places, so every frame is a key frame (all tokens)."""
+    rng = np.random.default_rng(2)
+    wide = rng.integers(0, 256, (64, 256, 3), dtype=np.uint8)
+    tokens = torch.randn(16, 32)
+    f = TemporalFilter(TemporalConfig("drop", key_every=100))
+    assert all(f.keep(tokens, noisy(wide[:, 8 * t:8 * t + 64], rng)) is None for t in range(10))
+    still = TemporalFilter(TemporalConfig("drop", key_every=100))
+    kept = [still.keep(tokens, noisy(wide[:, :64], rng)) for _ in range(10)]
+    assert kept[0] is None and all(k is not None and len(k) == 0 for k in kept[1:])
 
 
 def test_min_tokens_keeps_the_least_similar():
     f = TemporalFilter(TemporalConfig("drop", min_tokens=3))
     x = torch.randn(10, 8)
-    f.keep(x)
+    f.keep(x, PICTURE)
     y = x.clone()
     y[7] = -x[7]
-    assert f.keep(y).tolist().count(7) == 1 and len(f.keep(y)) == 3
+    assert f.keep(y, PICTURE).tolist().count(7) == 1 and len(f.keep(y, PICTURE)) == 3
 
 
 def test_bad_settings_are_refused():

@@ -81,7 +81,7 @@ class Runner:
             if row.system is not None:  # a new session in this slot
                 self.filters.pop(row.slot, None)
                 self.counts[row.slot] = _FrameCounts()
-            enc = self.drop_unchanged(row.slot, encoded[k:k + len(row.frames)])
+            enc = self.drop_unchanged(row.slot, row.frames, encoded[k:k + len(row.frames)])
             k += len(row.frames)
             for j, e in enumerate(enc):
                 if isinstance(e, Exception):
@@ -107,19 +107,19 @@ class Runner:
                 return [internal(e, "frame encoding")]
             return [r for f in frames for r in self.encode([f])]
 
-    def drop_unchanged(self, slot: int, encoded: list) -> list:
+    def drop_unchanged(self, slot: int, frames, encoded: list) -> list:
         """Temporal drop: each frame keeps the tokens that changed since the session's previous
         frame (all of them on a key frame); None for a frame where nothing changed."""
         if self.temporal.mode == "off":
             return encoded
         filt = self.filters.setdefault(slot, TemporalFilter(self.temporal))
         out = []
-        for e in encoded:
+        for f, e in zip(frames, encoded):
             if isinstance(e, Exception):
                 out.append(e)
                 continue
             embeds, offsets = e
-            keep = filt.keep(embeds)
+            keep = filt.keep(embeds, f.image)
             if keep is None:
                 out.append(e)
             elif len(keep) == 0:
