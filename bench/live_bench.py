@@ -71,6 +71,8 @@ def score(live: LiveQA, colours: list[str], switch: int, every: float) -> dict:
     on_time = sum(d is not None and d <= every for d in delays)
     return dict(switches=len(switches), alerted_on_time=on_time, missed=sum(d is None for d in delays),
                 worst_delay_s=max((d for d in delays if d is not None), default=None),
+                median_delay_s=float(np.median([d for d in delays if d is not None])) if any(
+                    d is not None for d in delays) else None,
                 wrong_alerts=len(wrong), checks=len(right), answers_right=round(sum(right) / max(1, len(right)), 3))
 
 
@@ -113,7 +115,7 @@ def main():
         path = os.path.join(tmp, "camera.mp4")
         colours = write_camera(path, int(args.minutes * 60), args.switch, args.seed)
         rows = asyncio.run(run(args, path, colours))
-    print(table(rows, ["scope", "switches", "alerted_on_time", "missed", "worst_delay_s", "wrong_alerts", "checks",
+    print(table(rows, ["scope", "switches", "alerted_on_time", "missed", "median_delay_s", "worst_delay_s", "wrong_alerts", "checks",
                        "answers_right", "frames_in_window", "wall_s"]))
     path = write_json(f"live-{machine_name()}", {"machine": machine(), "args": vars(args), "rows": rows}, args.out)
     print(f"wrote {path}")

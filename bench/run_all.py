@@ -31,6 +31,7 @@ SUITES = {
     "batch": ("batch_bench.py", ["--sessions", "1", "2", "4", "8", "16"],
               ["--lm", "7b", "--tower", "vit-l", "--sessions", "1", "4", "16", "64", "--budget", "4096"]),
     "static": ("static_bench.py", [], []),
+    "live": ("live_bench.py", ["--minutes", "3"], []),  # the 10-minute figure: python bench/live_bench.py
     "serve": ("serve_bench.py", [], []),
     "quality": ("quality_bench.py", [], []),
 }
