@@ -54,3 +54,24 @@ def test_lora_file_sits_beside_its_projector(tmp_path):
     assert beside(tmp_path / "projector.safetensors") == tmp_path / "lora.safetensors"
     assert beside("run3/projector-best.safetensors").name == "lora-best.safetensors"
     assert beside("run3/model.safetensors").name == "model.lora.safetensors"  # never the projector itself
+
+
+def test_a_fine_tune_starts_from_the_saved_lora(tmp_path):
+    """train --init: saved factors (scale folded into B, stored in half precision) loaded into a
+    freshly attached LoRA compute what the saved model computed; a mismatched file is refused."""
+    from safetensors.torch import save_file
+
+    from streamvz.tiny.train import load_lora
+
+    trained_lm, fresh_lm = tiny_lm(), tiny_lm()
+    trained = attach(trained_lm, rank=4, alpha=8)  # scale 2: loading must undo the folding
+    for m in trained.values():
+        torch.nn.init.normal_(m.B, std=0.05)
+    save_file({k: v.half() for k, v in lora_state(trained).items()}, str(tmp_path / "lora.safetensors"))
+    fresh = attach(fresh_lm, rank=4, alpha=8)
+    ids = torch.randint(0, 100, (2, 9))
+    assert not torch.allclose(fresh_lm(ids).logits, trained_lm(ids).logits, atol=1e-3)
+    load_lora(fresh, tmp_path / "lora.safetensors")
+    torch.testing.assert_close(fresh_lm(ids).logits, trained_lm(ids).logits, atol=2e-3, rtol=2e-3)
+    with pytest.raises(ValueError, match="does not match"):
+        load_lora(attach(tiny_lm(), rank=4, targets=("q_proj",)), tmp_path / "lora.safetensors")
