@@ -336,6 +336,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast (slower; for CPUs without BF16)")
     ap.add_argument("--eval-every", type=int, default=190, help="held-out check every N steps (0: only at the end)")
     ap.add_argument("--eval-scenes", type=int, default=48)
+    ap.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the held-out checks)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--out", type=Path, default=PROJECTOR, help="projector weights; the LoRA goes beside it")
     ap.add_argument("--init", type=Path, default=None,
@@ -417,6 +418,8 @@ def main(argv=None) -> int:
                       flush=True)
             if step < args.steps:  # a checkpoint: a run cut short keeps its latest weights
                 save(args, argv, projector, lora, hist, evals, timings + (time.time() - t1,), final=False, init=init)
+        elif args.save_every and step % args.save_every == 0 and step < args.steps:
+            save(args, argv, projector, lora, hist, evals, timings + (time.time() - t1,), final=False, init=init)
 
     save(args, argv, projector, lora, hist, evals, timings + (time.time() - t1,), final=True, init=init)
     return 0
