@@ -9,6 +9,9 @@ LLaVA-1.5-shaped checkpoint: `--lm small` on the CPU, `--lm 7b --tower vit-l` in
            aggregate tokens/s, inter-token gaps p50/p95 (per answer, token by token)
   ingest   N sessions, --frames frames each queued at once: frames/s into the caches
   kv       the store's fixed size (max_sessions x budget x bytes/token) and the rows in use
+  floor    the LM's own decode step at batch N (a DynamicCache holding one frame's context, no
+           engine): how much slower N rows are than one on this machine; no engine can make
+           its per-token gap at N sessions lower than this ratio times one session's
 
     python bench/batch_bench.py                              # CPU: tiny + small LLaVA
     python bench/batch_bench.py --device cuda --lm 7b --tower vit-l --sessions 1 4 16 64
@@ -28,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from common import machine, machine_name, table, write_json  # noqa: E402
+from common import machine, machine_name, sync, table, write_json  # noqa: E402
 from stream_bench import build_checkpoint, video  # noqa: E402
 
 from streamvz.adapters import load_adapter  # noqa: E402
@@ -64,6 +67,23 @@ async def decode(adapter, n, cap, tokens, frames, budget):
                     kv_used_mib=used / 2**20)
 
 
+@torch.inference_mode()
+def bare_step_s(adapter, n: int, context: int = 100, steps: int = 12) -> float:
+    """Median seconds of one decode step of the LM alone at batch n (see `floor` above)."""
+    from transformers import DynamicCache
+
+    width = adapter.model.config.get_text_config().hidden_size
+    cache = DynamicCache(config=adapter.model.config)
+    adapter.forward(torch.randn(n, context, width), cache, torch.arange(context)[None].expand(n, context))
+    times = []
+    for i in range(steps):
+        t = time.perf_counter()
+        adapter.forward(torch.randn(n, 1, width), cache, torch.full((n, 1), context + i))
+        sync(adapter.device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 async def ingest(adapter, n, cap, per_session, frames, budget):
     async with Engine(adapter, max_sessions=n, max_batch_rows=cap, cache_budget_tokens=budget,
                       max_backlog_frames=per_session) as engine:
@@ -96,6 +116,7 @@ async def main_async(args):
                     f = await ingest(adapter, n, cap, args.frames, frames, args.budget)
                     r.update({f"{tag}_{k}": v for k, v in {**d, **f}.items()})
                 r["decode_speedup"] = r["batched_tok_s"] / r["cap1_tok_s"]
+                r["bare_step_ms"] = 1e3 * bare_step_s(adapter, n)
                 r["ingest_speedup"] = r["batched_frames_s"] / r["cap1_frames_s"]
                 rows.append(r)
                 print(f"  {stack} x{n}: {r['batched_tok_s']:.1f} vs {r['cap1_tok_s']:.1f} tok/s "
@@ -105,6 +126,7 @@ async def main_async(args):
                 if r["stack"] == stack:
                     one = next(x for x in rows if x["stack"] == stack and x["sessions"] == min(args.sessions))
                     r["p95_vs_one"] = r["batched_itl_p95_ms"] / one["batched_itl_p95_ms"]
+                    r["floor_vs_one"] = r["bare_step_ms"] / one["bare_step_ms"]
             del adapter
     return rows
 
@@ -124,7 +146,7 @@ def main():
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 16)))
     rows = asyncio.run(main_async(args))
     cols = ["stack", "sessions", "cap1_tok_s", "batched_tok_s", "decode_speedup", "cap1_itl_p95_ms",
-            "batched_itl_p50_ms", "batched_itl_p95_ms", "p95_vs_one", "cap1_frames_s", "batched_frames_s",
+            "batched_itl_p50_ms", "batched_itl_p95_ms", "p95_vs_one", "bare_step_ms", "floor_vs_one", "cap1_frames_s", "batched_frames_s",
             "ingest_speedup", "batched_kv_store_mib", "batched_kv_used_mib"]
     print(table(rows, cols))
     path = write_json(f"batch-{machine_name(args.device)}", {"machine": machine(args.device), "args": vars(args),
