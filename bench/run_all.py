@@ -1,7 +1,7 @@
 """`make bench`: run every bench/ script, merge their JSON into bench/results/<machine>.json and
 their printed tables into bench/results/<machine>.md (the summary the README shows).
 
-    python bench/run_all.py                  # CPU: sized to finish in under 20 minutes on 2 cores
+    python bench/run_all.py                  # CPU: about an hour on 2 cores (batch, static and live take most)
     python bench/run_all.py --device cuda    # GPU: 7B-shaped LLaVA in bf16
     python bench/run_all.py --only visionzip stream   # re-run these; the others' last results stay
 """
@@ -21,7 +21,7 @@ from common import RESULTS, machine, machine_name  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# name -> (script, CPU arguments, GPU arguments). CPU sizes keep the whole run under 20 min.
+# name -> (script, CPU arguments, GPU arguments).
 SUITES = {
     "visionzip": ("visionzip_bench.py", ["--batch", "2", "--lm-layers", "2", "--repeats", "2"],
                   ["--batch", "1", "8", "32", "--lm-layers", "32", "--repeats", "10"]),
