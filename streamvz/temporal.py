@@ -84,13 +84,13 @@ class TemporalFilter:
         """Indices of the rows of `tokens` [k, W] (the frame `picture`, uint8 [H, W, 3]) to write,
         in order (None: all of them, a key frame)."""
         cfg = self.config
-        cells = picture_cells(picture)
-        best = best_similarity(tokens, self.previous)
+        cells, previous = picture_cells(picture), self.previous
         self.previous = tokens.detach()
         if (self.key_cells is None or self.since_key + 1 >= cfg.key_every
                 or changed_share(cells, self.key_cells) > cfg.scene_change):
             self.key_cells, self.since_key = cells, 0
             return None
+        best = best_similarity(tokens, previous)
         changed = best < 1.0 - cfg.threshold
         self.since_key += 1
         if int(changed.sum()) < cfg.min_tokens:  # top up with the least similar of the rest

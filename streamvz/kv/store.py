@@ -36,17 +36,17 @@ class SlotStore:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, slots: int, budget: int,
                  dtype: torch.dtype, device, inv_freq: torch.Tensor):
         shape = (slots, kv_heads, budget, head_dim)
+        self.bytes_per_token = self.per_token(layers, kv_heads, head_dim, dtype)
         try:
             self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
             self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         # A GPU says OutOfMemoryError; the CPU allocator says RuntimeError ("can't allocate memory").
         except (torch.OutOfMemoryError, RuntimeError) as e:
-            need = slots * budget * self.per_token(layers, kv_heads, head_dim, dtype)
+            need = slots * budget * self.bytes_per_token
             raise StreamError("kv_store_too_large", f"the KV store needs {slots} sessions x {budget} tokens x "
-                              f"{self.per_token(layers, kv_heads, head_dim, dtype)} bytes = {need / 2**30:.1f} GiB, "
+                              f"{self.bytes_per_token} bytes = {need / 2**30:.1f} GiB, "
                               f"which {device} cannot allocate; lower max_sessions or cache_budget_tokens") from e
         self.slots, self.budget, self.inv_freq = slots, budget, inv_freq.float()
-        self.bytes_per_token = self.per_token(layers, kv_heads, head_dim, dtype)
         self.length = [0] * slots  # rows held by each slot
         self.clean = [0] * slots  # rows [0, clean) hold finite values
 
