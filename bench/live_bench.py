@@ -23,12 +23,13 @@ import sys
 import tempfile
 import time
 
-import av
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from common import machine, machine_name, table, write_json  # noqa: E402
+from videos import write_video  # noqa: E402
 
 from pipelines.live_qa import LiveQA, normalise  # noqa: E402
 from streamvz.engine import Engine  # noqa: E402
@@ -42,19 +43,9 @@ def write_camera(path: str, seconds: int, switch: int, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
     bg = data.random_background(rng, "test")
     objs = [data.Obj(s, c, float(rng.uniform(80, 144)), float(rng.uniform(80, 144)), 90.0) for c, s in SHOWS]
-    colours = []
-    with av.open(path, "w") as out:
-        st = out.add_stream("libx264", rate=1)
-        st.width, st.height, st.pix_fmt = data.SIZE, data.SIZE, "yuv420p"
-        for t in range(seconds):
-            k = (t // switch) % len(SHOWS)
-            colours.append(SHOWS[k][0])
-            img = data.render(data.Scene(bg, (objs[k],)))
-            for pkt in st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(pkt)
-        for pkt in st.encode():
-            out.mux(pkt)
-    return colours
+    shown = [(t // switch) % len(SHOWS) for t in range(seconds)]
+    write_video(path, (data.render(data.Scene(bg, (objs[k],))) for k in shown), fps=1, size=(data.SIZE, data.SIZE))
+    return [SHOWS[k][0] for k in shown]
 
 
 def score(live: LiveQA, colours: list[str], switch: int, every: float) -> dict:
