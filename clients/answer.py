@@ -34,7 +34,8 @@ class Answer:
                 msg = self._held.pop(expected)
             else:
                 try:
-                    msg = await asyncio.wait_for(self.queue.get(), self.chat.timeout)
+                    async with asyncio.timeout(self.chat.timeout):
+                        msg = await self.queue.get()
                 except TimeoutError:  # told as an error, like every other way an answer can fail
                     self.chat._answers.pop(self.id, None)
                     raise StreamError("request_expired", f"no answer within {self.chat.timeout:g} s: the server "

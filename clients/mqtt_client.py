@@ -96,7 +96,8 @@ class MqttChat:
     async def expect(self, *ops: str) -> dict:
         while True:
             try:
-                msg = await asyncio.wait_for(self.events.get(), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    msg = await self.events.get()
             except TimeoutError:
                 raise StreamError("request_expired", f"no reply within {self.timeout:g} s: the server is away, "
                                   "and the request expires in the broker") from None

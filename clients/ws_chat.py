@@ -72,7 +72,8 @@ class WsChat:
     async def expect(self, *ops: str, timeout: float = 60) -> dict:
         """Next event whose op is in `ops`; an `error` raises StreamError."""
         while True:
-            msg = await asyncio.wait_for(self.events.get(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancel (demo's Ctrl-C)
+                msg = await self.events.get()
             if msg["op"] == "error":
                 raise StreamError(msg["code"], msg["message"])
             if msg["op"] in ops:

@@ -115,7 +115,8 @@ async def _serve(engine, cfg: ServeConfig, ready: asyncio.Future | None, stop: a
 async def broker_problem(host: str, port: int, timeout: float = 2.0) -> str | None:
     """Why the MQTT broker at host:port cannot be reached (a TCP connect), or None if it can."""
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(host, port)
     except TimeoutError:
         return f"no answer within {timeout:g} s"
     except OSError as e:

@@ -115,7 +115,8 @@ class Engine:
         if self._task is not None:
             self._wake.set()
             try:
-                await asyncio.wait_for(self._task, 30)
+                async with asyncio.timeout(30):
+                    await self._task
             except Exception:  # noqa: BLE001 - shutting down regardless
                 self._task.cancel()
         await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown)

@@ -68,7 +68,8 @@ class Gateway:
 
     async def __aenter__(self):
         self._task = asyncio.create_task(self.run())
-        await asyncio.wait_for(self.connected.wait(), 30)
+        async with asyncio.timeout(30):
+            await self.connected.wait()
         return self
 
     async def __aexit__(self, *exc):

@@ -144,9 +144,10 @@ class MqttServer:
         if client is None:
             return
         try:
-            await asyncio.wait_for(client.publish(presence.worker_topic(self.prefix, self.worker_id),
-                                                  presence.down_message(self.worker_id, "shutdown"), qos=1,
-                                                  retain=True, properties=presence.down_properties()), 2.0)
+            async with asyncio.timeout(2.0):
+                await client.publish(presence.worker_topic(self.prefix, self.worker_id),
+                                     presence.down_message(self.worker_id, "shutdown"), qos=1,
+                                     retain=True, properties=presence.down_properties())
         except (aiomqtt.MqttError, asyncio.TimeoutError):
             pass
 
