@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from streamvz.tiny.lora import TARGETS, attach, beside, lora_state, merge
+from streamvz.tiny.lora import TARGETS, attach, base_only, beside, lora_state, merge
 from tiny_models import tiny_llama_config
 
 
@@ -75,3 +75,53 @@ def test_a_fine_tune_starts_from_the_saved_lora(tmp_path):
     torch.testing.assert_close(fresh_lm(ids).logits, trained_lm(ids).logits, atol=2e-3, rtol=2e-3)
     with pytest.raises(ValueError, match="does not match"):
         load_lora(attach(tiny_lm(), rank=4, targets=("q_proj",)), tmp_path / "lora.safetensors")
+
+
+def test_base_only_is_the_model_before_its_lora():
+    wrapped_lm, plain_lm = tiny_lm(), tiny_lm()
+    wrapped = attach(wrapped_lm, rank=4)
+    for m in wrapped.values():
+        torch.nn.init.normal_(m.B, std=0.05)
+    ids = torch.randint(0, 100, (2, 10))
+    tuned = wrapped_lm(ids).logits
+    with base_only(wrapped):
+        torch.testing.assert_close(wrapped_lm(ids).logits, plain_lm(ids).logits)
+    torch.testing.assert_close(wrapped_lm(ids).logits, tuned)  # back on afterwards
+    with pytest.raises(RuntimeError), base_only(wrapped):
+        raise RuntimeError("a failing step")
+    assert all(m.enabled for m in wrapped.values())  # ... also after an error inside
+
+
+@pytest.mark.tiny
+def test_self_distillation_is_zero_at_the_base_and_pulls_a_drifted_lora_back():
+    """distill.Teacher on the embedded model: replies are the base model's greedy ones; the KL
+    term is 0 while the LoRA changes nothing, positive once it does, and its gradient lowers it."""
+    import numpy as np
+
+    from streamvz.tiny.adapter import TinyAdapter
+    from streamvz.tiny.distill import Teacher, prompts
+
+    adapter = TinyAdapter(tokens_per_frame=None, device="cpu", dtype=torch.float32, projector=None)
+    wrapped = attach(adapter.model, rank=4)
+    for p in adapter.model.parameters():
+        p.requires_grad_(False)
+    lora = [p for m in wrapped.values() for p in (m.A, m.B)]
+    for p in lora:
+        p.requires_grad_(True)
+    teacher = Teacher.build(adapter, wrapped, np.random.default_rng(0), n=6, max_reply=5)
+    eot = adapter.ids(adapter.chat.end_of_turn)[0]
+    assert len(teacher.sequences) == 6 and all(r[-1] == eot and len(r) <= 6 for _, r in teacher.sequences)
+    assert len(set(prompts(np.random.default_rng(0), 50))) == 50
+    assert teacher.loss(adapter, wrapped, np.random.default_rng(1), n=4).item() == pytest.approx(0.0, abs=1e-6)
+    torch.manual_seed(0)
+    for m in wrapped.values():  # a LoRA that drifted
+        torch.nn.init.normal_(m.B, std=0.05)
+    opt = torch.optim.SGD(lora, lr=0.5)
+    losses = []
+    for _ in range(3):
+        loss = teacher.loss(adapter, wrapped, np.random.default_rng(1), n=4)  # the same prompts each time
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 1e-3 and losses[-1] < losses[0], losses

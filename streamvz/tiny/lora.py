@@ -7,9 +7,11 @@ at load time, so the served model is a plain LlamaForCausalLM with no extra cost
     wrapped = attach(lm, rank=8)           # {"model.layers.0.self_attn.q_proj": LoRALinear, ...}
     state = lora_state(wrapped)            # what gets saved
     merge(fresh_lm, state)                 # W += B @ A * scale, in place
+    with base_only(wrapped): ...           # the base LM, LoRA bypassed (the distillation teacher)
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,9 +27,25 @@ class LoRALinear(nn.Module):
         self.scale = alpha / rank
         self.A = nn.Parameter(torch.randn(rank, base.in_features) / base.in_features**0.5)
         self.B = nn.Parameter(torch.zeros(base.out_features, rank))  # starts as the identity change
+        self.enabled = True  # False: the frozen base layer alone (base_only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
         return self.base(x) + (x @ self.A.t().to(x.dtype)) @ self.B.t().to(x.dtype) * self.scale
+
+
+@contextmanager
+def base_only(wrapped: dict[str, LoRALinear]):
+    """`with base_only(wrapped):` the model as it was before the LoRA (the frozen base LM), e.g.
+    as the teacher of a self-distillation term."""
+    for m in wrapped.values():
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in wrapped.values():
+            m.enabled = True
 
 
 def attach(model: nn.Module, rank: int, alpha: float | None = None, targets=TARGETS) -> dict[str, LoRALinear]:

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from . import data
 from .adapter import PROJECTOR, TinyAdapter
 from .model import FULL_TOKENS, Features, Projector, places, reduce
+from .distill import Teacher
 from .lora import attach, beside, lora_state
 from .questions import asked, clip_questions, questions
 from .weights import cache_dir
@@ -277,6 +278,7 @@ def save(args, argv, projector: Projector, lora: dict, hist: list, evals: list, 
         "init": init,  # a fine-tune: the weights it started from
         "final_loss": float(np.mean([h[0] for h in hist[-20:]])),
         "final_answer_acc": float(np.mean([h[1] for h in hist[-20:]])),
+        "final_distill_kl": float(np.mean([h[2] for h in hist[-20:]])) if args.distill else None,
         "held_out": evals,
         "feature_seconds": round(timings[0]),
         "align_seconds": round(timings[1]),
@@ -337,6 +339,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=190, help="held-out check every N steps (0: only at the end)")
     ap.add_argument("--eval-scenes", type=int, default=48)
     ap.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the held-out checks)")
+    ap.add_argument("--distill", type=float, default=0.0,
+                    help="weight of the self-distillation term (distill.py: KL to the base LM on plain chat; 0: off)")
+    ap.add_argument("--distill-batch", type=int, default=8, help="plain chat prompts per step for that term")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--out", type=Path, default=PROJECTOR, help="projector weights; the LoRA goes beside it")
     ap.add_argument("--init", type=Path, default=None,
@@ -388,6 +393,12 @@ def main(argv=None) -> int:
         load_lora(lora, beside(args.init))
     if lora:
         groups.append({"params": [p for m in lora.values() for p in (m.A, m.B)], "lr": args.lora_lr})
+    teacher = None
+    if args.distill and lora:
+        distill_rng = np.random.default_rng([args.seed, 3])  # its own stream: the training batches stay the same
+        t_teacher = time.time()
+        teacher = Teacher.build(adapter, lora, distill_rng)
+        print(f"self-distillation: {len(teacher.sequences)} base replies in {time.time() - t_teacher:.0f}s", flush=True)
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     warm = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -398,15 +409,16 @@ def main(argv=None) -> int:
     for step in range(1, args.steps + 1):
         batch = build_batch(adapter, projector, feats, sample_batch(rng, scenes, args.batch, args.qas, args.clip_p, empty, moving))
         loss, ok = loss_on(adapter, batch, bf16)
+        kl = teacher.loss(adapter, lora, distill_rng, args.distill_batch) if teacher else torch.zeros(())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + args.distill * kl).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        hist.append((loss.item(), ok[batch.first].float().mean().item()))
+        hist.append((loss.item(), ok[batch.first].float().mean().item(), kl.item()))
         if step % 10 == 0 or step == args.steps:
-            l, a = np.mean(hist[-10:], axis=0)
-            print(f"step {step}/{args.steps} loss {l:.3f} answer acc {a:.2f} "
+            l, a, d = np.mean(hist[-10:], axis=0)
+            print(f"step {step}/{args.steps} loss {l:.3f} answer acc {a:.2f}" + (f" kl {d:.4f}" if teacher else "") + " "
                   f"({time.time() - t1:.0f}s, {(time.time() - t1) / step:.1f}s/step)", flush=True)
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
             projector.eval()
