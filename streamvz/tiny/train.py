@@ -21,6 +21,8 @@ Cheap enough for a 2-core CPU (about 60 minutes from nothing, 57 with cached fea
     "how many ... now?" questions, the kind a stream gets: unrelated scenes (2-6 frames, up to 24
     at 16 tokens), mostly-empty streams, and ordered windows of up to 16 frames of continuous
     moving clips.
+  * `--distill W` adds a self-distillation term (distill.py: KL to the base LM on plain chat).
+    Measured on the wording fine-tune it lowered both columns (README), so it is off by default.
 The LoRA (rank 8 on every attention and MLP projection) is merged into the LM's weights when
 TinyAdapter loads, so serving costs nothing extra. The sequence layout is the engine's
 (TinyAdapter.prompt_embeds + chat pieces). Progress lines report accuracy on held-out scenes
