@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -225,9 +226,13 @@ def test_training_clips_carry_earlier_answered_turns():
                 before = [scenes[i] for i in idx[:k]]
                 if q == "How many shapes are there now?" or q == "How many shapes are there?":
                     assert a == str(len(before[-1].objects))
-                elif q.startswith("Was there a "):
-                    c, sh = q[len("Was there a "):-1].split()
-                    assert a == ("yes" if any((o.colour, o.shape) == (c, sh) for sc in before for o in sc.objects) else "no")
+                elif a in ("yes", "no"):  # in any training wording: find the object it names
+                    words = re.findall(r"[a-z]+", q.lower())
+                    (c,) = [w for w in words if w in data.COLOURS]
+                    (sh,) = [w for w in words if w in data.SHAPES]
+                    # "was there / did you see / has a ... appeared": any frame so far; "is there": the latest
+                    asked = before if words[0] in ("was", "did", "has") else before[-1:]
+                    assert a == ("yes" if any((o.colour, o.shape) == (c, sh) for sc in asked for o in sc.objects) else "no"), q
     assert clips > 50 and 0.35 < with_turns / clips < 0.65, (clips, with_turns)
 
 
