@@ -55,11 +55,11 @@ class Teacher:
         c = adapter.chat
         eot = adapter.ids(c.end_of_turn)[0]
         texts = prompts(rng, n)
+        system = adapter.ids(c.system.format(adapter.default_system), special=True)
         out = []
         with base_only(wrapped):
             for i in range(0, len(texts), 16):  # left-padded batches: every prompt ends where generation starts
-                batch = [adapter.ids(c.system.format(adapter.default_system), special=True) + adapter.ids(c.user.format(t))
-                         for t in texts[i : i + 16]]
+                batch = [system + adapter.ids(c.user.format(t)) for t in texts[i : i + 16]]
                 L = max(map(len, batch))
                 ids = torch.tensor([[eot] * (L - len(p)) + p for p in batch])
                 att = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in batch])
