@@ -122,6 +122,8 @@ TRAIN = Wording(
             f"Pick the {_COLOR} of the {{shape}}: {{list}}.",
             f"What's the {_COLOR} of the {{shape}}?", f"Tell me what {_COLOR} the {{shape}} is.", f"Do you know the {_COLOR} of the {{shape}}?",
             f"Say which {_COLOR} the {{shape}} has.", f"What {_COLOR} does the {{shape}} have: {{options}}?",
+            f"Among {{options}}: what {_COLOR} is the {{shape}}?", "{options}? The {shape}.", "Does the {shape} look {options}?",
+            f"Would you say the {{shape}} is {{options}}?", f"The {{shape}}'s {_COLOR}? {{list}}",
         ),
         "shape": (
             f"What shape is the {{colour}} {_THING}?", "Which shape is {colour}?", "What is the {colour} (shape|object)?",
@@ -133,6 +135,9 @@ TRAIN = Wording(
             "What's the {colour} (object|one|thing)?", "Tell me the shape of the {colour} (one|thing).",
             "Do you know what shape the {colour} (object|one) is?", "The {colour} (object|one): what shape?",
             "Which shape does the {colour} (object|thing) have: {options}?",
+            "Among {options}: which is the {colour} (one|shape)?", "{options}? The {colour} (one|shape).",
+            "Does the {colour} (figure|piece) look like {options}?", "Would you say the {colour} (figure|piece) is {options}?",
+            "Is the {colour} (figure|piece) {options}?", "The {colour} (one|shape) is which? {list}",
         ),
         "count": (
             f"How many {_SHAPES} are there?", "How many (shapes|objects|things) (do you see|can you see|are in the (picture|image))?",
@@ -144,6 +149,9 @@ TRAIN = Wording(
             f"Tell me the number of {_SHAPES}.", f"Do you know how many {_SHAPES} there are?",
             f"How many {_SHAPES} are (shown|visible|depicted)?", f"Say how many {_SHAPES} you see.",
             f"The number of {_SHAPES}: {{options}}?", f"How many {_SHAPES} are visible? {{list}}.",
+            f"Among {{options}}: how many {_SHAPES} are there?", f"{{options}}? The number of {_SHAPES}.",
+            f"Is the (count|total) of {_SHAPES} {{options}}?", f"Give me the (count|total) of {_SHAPES}.",
+            f"Would you say there are {{options}} {_SHAPES}?", f"How many {_SHAPES} in total? {{list}}",
         ),
         "present": (
             "Is there (a|any) {name}( in the (picture|image)|)?", "(Do|Can) you see a {name}?",
@@ -159,6 +167,8 @@ TRAIN = Wording(
             "Tell me if the {name} is on the (left or the right|right or the left).", "What side is the {name} on: left or right?",
             "Is the {name} towards the (left or the right|right or the left)?",
             "Which side of the (picture|image) is the {name} on, left or right?", "Left side or right side, the {name}?",
+            "(Left or right|Right or left)? The {name}.", "(Left or right|Right or left), where is the {name}?",
+            "Would you say the {name} is on the left or on the right?",
         ),
         "position_y": (
             "Is the {name} (at the top or the bottom|at the bottom or the top)?", "Is the {name} (top or bottom|bottom or top)?",
@@ -166,6 +176,8 @@ TRAIN = Wording(
             "(Can|Could) you tell me if the {name} is at the top or the bottom?", "{name}: top or bottom?",
             "Is the {name} near the (top or the bottom|bottom or the top)?", "Tell me if the {name} is at the top or at the bottom.",
             "Which part of the (picture|image) is the {name} in, top or bottom?", "Is the {name} up (at the top|top) or down (at the bottom|bottom)?",
+            "(Top or bottom|Bottom or top)? The {name}.", "(Top or bottom|Bottom or top), where is the {name}?",
+            "Would you say the {name} is at the top or at the bottom?",
         ),
         "background": (
             "What is the background?", "What (kind|type|sort) of background is (it|this|there)?",
@@ -176,6 +188,9 @@ TRAIN = Wording(
             "What's the background like?", "Tell me what the background is.", "Which background is (it|this): {options}?",
             "What pattern does the background have?", "The background: {options}?",
             "What (kind|type) of background does the (picture|image) have?",
+            "What is (in|at) the back of the (picture|image)?", "What lies behind the (objects|figures)?",
+            "Among {options}: which is the background?", "{options}? The background.", "Does the background look {options}?",
+            "Would you say the background is {options}?", "The background is which? {list}",
         ),
         "seen": (
             "Was there (a|any) {name}( at any point|)?", "Did you see a {name}( at any point| earlier|)?",
@@ -197,6 +212,8 @@ TRAIN = Wording(
         "present": ("Answer yes or no.", "Yes or no?", "Just yes or no.", "(Reply|Respond) with yes or no."),
         "seen": ("Answer yes or no.", "Yes or no?"),
     },
-    inline=(Style("{x}", ", ", " or "), Style("{a}{x}", ", ", " or "), Style("{x}", ", ", ", "), Style("{x}", ", ", ", or ")),
-    lists=(Style("{i}) {x}", " ", " "), Style("{i}. {x}", ", ", ", "), Style("{L}) {x}", " ", " "), Style("({l}) {x}", " ", " ")),
+    inline=(Style("{x}", ", ", " or "), Style("{a}{x}", ", ", " or "), Style("{x}", ", ", ", "), Style("{x}", ", ", ", or "),
+            Style("{x}", " / ", " / ")),
+    lists=(Style("{i}) {x}", " ", " "), Style("{i}. {x}", ", ", ", "), Style("{L}) {x}", " ", " "), Style("({l}) {x}", " ", " "),
+           Style("\n* {x}", "", ""), Style("\n{i}. {x}", "", "")),
 )
