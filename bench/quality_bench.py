@@ -2,6 +2,8 @@
 
     python bench/quality_bench.py                  # table + JSON + plot under bench/results/
     python bench/quality_bench.py --scenes 32 --skip-long
+    python bench/quality_bench.py --heldout bench/heldout_wordings_fresh.json --budgets "" \
+        --baseline-budgets "" --skip-long --out bench/results/quality-fresh   # the second held-out set
 
 1. Exact match on held-out scenes (scikit-image photos and seeds never used in training), each
    asked one question of every kind (colour, shape, count, present, position, background),
