@@ -11,7 +11,6 @@ from clients.ws_chat import WsChat
 from fixtures_serve import ServerThread
 
 N, FPS, SIZE = 120, 60, (640, 480)  # 2 s at 60 fps (the protocol's most)
-LONG = 512  # the longest answer the engine allows
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +37,19 @@ async def settled(chat: WsChat, seconds: float = 120) -> dict:
     raise AssertionError(f"status never settled: {st}")
 
 
-async def long_answer(chat: WsChat) -> None:
-    """Ask for the longest answer. While a session answers, its new frames wait until the turn
-    closes (the slot is one sequence), so a camera keeps sending while the session takes none:
-    the source's queue overflows and drops, however fast the machine (no reliance on the engine
-    being slower than 60 fps, which a quick CI machine was not)."""
-    answer = chat.ask("Describe everything you see, in detail.", max_tokens=LONG)
+async def long_answer(chat: WsChat, opened: dict) -> None:
+    """Ask for the longest answer the server allows (its `opened` limits). While a session
+    answers, its new frames wait until the turn closes (the slot is one sequence), so a camera
+    keeps sending while the session takes none: the source's queue overflows and drops, however
+    fast the machine (no reliance on the engine being slower than 60 fps, which a quick CI
+    machine was not)."""
+    answer = chat.ask("Describe everything you see, in detail.", max_tokens=opened["limits"]["max_new_tokens"])
     await answer.result()
 
 
 async def test_a_server_file_played_in_real_time_accounts_for_every_frame(server):
     async with WsChat(server.url) as chat:
-        await chat.open(source="clip.mp4", fps=FPS)
-        await long_answer(chat)
+        await long_answer(chat, await chat.open(source="clip.mp4", fps=FPS))
         ended = await chat.expect("status", timeout=60)
         while ended.get("event") != "source_ended":
             ended = await chat.expect("status", timeout=60)
@@ -62,8 +61,7 @@ async def test_a_live_url_accounts_for_every_frame(server):
     port = V.free_port()
     with V.MpegTsSender("http", port, n_frames=N, fps=FPS, size=SIZE) as snd:
         async with WsChat(server.url) as chat:
-            await chat.open(source=snd.reader_url, fps=FPS)
-            await long_answer(chat)
+            await long_answer(chat, await chat.open(source=snd.reader_url, fps=FPS))
             snd.wait(30)  # the camera sent all its frames and hung up
             st = await settled(chat)
             await chat.close()
